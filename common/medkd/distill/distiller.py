@@ -1,0 +1,133 @@
+"""The Distiller: student + optional frozen teacher + taps + weighted KD terms + task loss, as one module."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from medkd.distill.taps import FeatureTaps
+from medkd.distill.teacher import LiveTeacher, TeacherSource, first_tensor
+from medkd.distill.terms import LossTerm, parse_key
+
+__all__ = ["Distiller"]
+
+
+class Distiller(nn.Module):
+    """One KD training forward: teacher features (no grad), student forward with taps, task loss and KD terms.
+
+    ``forward(image, label, labelled=None)`` returns a dict with ``pred`` (student logits), ``loss`` (task +
+    weighted terms, differentiable), ``loss_task``, and for every term ``loss_<name>`` (weighted) and
+    ``raw_<name>`` (unweighted), plus ``features`` (the feature dict, for adversary steps). Everything that is
+    trained (student, term adapters) is inside this module, so wrapping it in DDP all-reduces all of it.
+
+    Guarantees:
+        - the teacher is loaded strictly from ``teacher_ckpt`` at construction (missing/mismatching file: error),
+          has ``requires_grad=False``, stays in eval mode whatever ``train()`` is called with, and runs under
+          ``torch.no_grad()``;
+        - every tap named by a term exists (error listing the available names otherwise);
+        - :meth:`trainable_parameters` is the student's parameters plus every term's.
+
+    Args:
+        student: the student network (also what ``network_def`` builds in the bundle configs).
+        task_loss: supervised loss ``task_loss(student_logits, label)`` (e.g. MONAI ``DiceFocalLoss``).
+        terms: the KD recipe, a sequence of :class:`LossTerm` (empty for plain supervised training).
+        teacher: a teacher network (wrapped in :class:`LiveTeacher`) or a :class:`TeacherSource`; ``None`` for
+            supervised or self-distillation runs.
+        teacher_ckpt: state-dict file of the teacher network (required with a teacher network).
+        student_taps / teacher_taps: feature name -> tap spec; a name used by a term but absent here is taken
+            as the tap spec itself (an alias such as ``low`` or a dotted module path).
+
+    Semi-supervised batches: ``labelled`` (B,) bool marks samples with a label; the task loss and every term
+    that reads ``label`` see only those samples, the other terms see the whole batch.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        terms: Sequence[LossTerm] = (),
+        teacher: nn.Module | TeacherSource | None = None,
+        teacher_ckpt: str | os.PathLike | None = None,
+        student_taps: dict[str, str] | None = None,
+        teacher_taps: dict[str, str] | None = None,
+    ):
+        super().__init__()
+        self.student = student
+        self.task_loss = task_loss
+        terms = [t for t in (terms or []) if t is not None]
+        names = [t.name for t in terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"KD term names must be unique, got {names}")
+        self.terms = nn.ModuleList(terms)
+
+        needed: dict[str, set[str]] = {"s": set(), "t": set()}
+        for term in terms:
+            for key in term.inputs:
+                side, name = parse_key(key)
+                if side and name != "logits":
+                    needed[side].add(name)
+        uses_teacher = any(k.startswith("t.") for t in terms for k in t.inputs)
+        if uses_teacher and teacher is None:
+            users = [t.name for t in terms if any(k.startswith("t.") for k in t.inputs)]
+            raise ValueError(f"KD terms {users} read teacher features but no teacher was given")
+
+        self.teacher: TeacherSource | None
+        if teacher is None or isinstance(teacher, TeacherSource):
+            self.teacher = teacher
+        else:
+            taps = {n: (teacher_taps or {}).get(n, n) for n in sorted(needed["t"])}
+            self.teacher = LiveTeacher(teacher, teacher_ckpt, taps)
+        self.uses_teacher = uses_teacher
+        self.student_taps = FeatureTaps(
+            student, {n: (student_taps or {}).get(n, n) for n in sorted(needed["s"])}, role="student"
+        )
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Student parameters followed by every KD term's own parameters (adapters); never the teacher's."""
+        yield from (p for p in self.student.parameters() if p.requires_grad)
+        yield from (p for p in self.terms.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.train(False)
+        return self
+
+    def forward(self, image: torch.Tensor, label: torch.Tensor | None = None, labelled: torch.Tensor | None = None) -> dict:
+        features: dict[str, torch.Tensor] = {"image": image}
+        if label is not None:
+            features["label"] = label
+        if self.uses_teacher:
+            features.update(self.teacher(image))  # type: ignore[misc]
+        with self.student_taps.capture() as taps:
+            logits = first_tensor(self.student(image))
+        self.student_taps.check_captured()
+        features["s.logits"] = logits
+        features.update({f"s.{k}": v for k, v in taps.items()})
+
+        mask = None if labelled is None else labelled.to(device=logits.device, dtype=torch.bool).view(-1)
+        labelled_features = features if mask is None else {k: v[mask] for k, v in features.items()}
+        has_labels = label is not None and (mask is None or bool(mask.any()))
+
+        out: dict = {"pred": logits, "features": features}
+        if has_labels:
+            task = self.task_loss(labelled_features["s.logits"], labelled_features["label"])
+            task = task.mean() if task.ndim else task
+        else:
+            task = logits.sum() * 0.0  # keeps the graph (and DDP) happy on label-free batches
+        total = task
+        out["loss_task"] = task.detach()
+        for term in self.terms:
+            if term.needs_label and not has_labels:
+                raw = logits.sum() * 0.0
+            else:
+                raw = term(labelled_features if term.needs_label else features)
+            weighted = term.weight * raw
+            total = total + weighted
+            out[f"loss_{term.name}"] = weighted.detach()
+            out[f"raw_{term.name}"] = raw.detach()
+        out["loss"] = total
+        return out

@@ -1,0 +1,98 @@
+"""The teacher side of the feature dict.
+
+The :class:`Distiller` asks one :class:`TeacherSource` for ``{"t.logits": ..., "t.<tap>": ...}`` per batch.
+:class:`LiveTeacher` runs a frozen network; an offline source (a cache of precomputed teacher outputs,
+transformed with the image's spatial augmentation) can implement the same interface without touching the
+losses or the bundles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from medkd.distill.taps import FeatureTaps
+from medkd.io import load_state_dict_file
+
+__all__ = ["TeacherSource", "LiveTeacher", "first_tensor", "load_teacher_weights"]
+
+
+def first_tensor(output) -> torch.Tensor:
+    """The logits of a network output: the tensor itself, or the first tensor of a tuple/list/dict output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot take logits from a network output of type {type(output).__name__}")
+
+
+def load_teacher_weights(network: nn.Module, path: str | os.PathLike | None) -> None:
+    """Load ``path`` into ``network`` strictly; every failure is an error naming the file and the network."""
+    if path is None or str(path) == "":
+        raise ValueError(
+            f"teacher_ckpt is required for teacher {type(network).__name__}: a KD run never starts from a random "
+            "teacher. Train the teacher first (bundles/supervised_segmentation) and pass its models/model.pt."
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"teacher checkpoint not found: {path}. Train the teacher first (bundles/supervised_segmentation) "
+            "or point teacher_ckpt at its models/model.pt."
+        )
+    device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    state = load_state_dict_file(path, map_location=device)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"teacher checkpoint {path} does not match teacher_def {type(network).__name__}: {e}. "
+            "Check that teacher_def has the architecture the checkpoint was trained with."
+        ) from None
+
+
+class TeacherSource(nn.Module):
+    """Provides the teacher side of the feature dict: ``forward(image) -> {"t.logits": ..., "t.<name>": ...}``."""
+
+    tap_names: tuple[str, ...] = ()
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class LiveTeacher(TeacherSource):
+    """A frozen teacher network run online, under ``torch.no_grad()``, always in eval mode.
+
+    Weights are loaded strictly from ``checkpoint`` at construction; parameters get ``requires_grad=False``;
+    :meth:`train` never takes the network out of eval mode (BatchNorm statistics and dropout stay frozen).
+
+    Args:
+        network: the teacher ``torch.nn.Module``.
+        checkpoint: state-dict file (bare, or under a ``"model"`` key).
+        taps: feature name -> tap spec (alias or dotted path) of the teacher.
+    """
+
+    def __init__(self, network: nn.Module, checkpoint: str | os.PathLike | None, taps: dict[str, str] | None = None):
+        super().__init__()
+        load_teacher_weights(network, checkpoint)
+        network.requires_grad_(False)
+        self.network = network.eval()
+        self.taps = FeatureTaps(network, taps or {}, role="teacher")
+        self.tap_names = tuple(self.taps.specs)
+
+    def train(self, mode: bool = True) -> "LiveTeacher":
+        super().train(mode)
+        self.network.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.network.eval()
+        with self.taps.capture() as feats:
+            logits = first_tensor(self.network(image))
+        self.taps.check_captured()
+        out = {"t.logits": logits}
+        out.update({f"t.{k}": v for k, v in feats.items()})
+        return out

@@ -1,0 +1,151 @@
+"""Handlers for KD training: atomic best-model saving, resumable training state, progress bar, log transforms."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar as _IgniteProgressBar
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointSaver
+
+from medkd.io import atomic_torch_save
+
+__all__ = ["AtomicCheckpointSaver", "TrainingState", "ProgressBar", "loss_scalars"]
+
+logger = logging.getLogger(__name__)
+
+
+class _AtomicFileSaver(BaseSaveHandler):
+    """Ignite save handler writing through :func:`medkd.io.atomic_torch_save`.
+
+    With a fixed ``filename`` the file is replaced atomically on every save and never removed, so a crash or a
+    kill never leaves the bundle without its ``models/model.pt``.
+    """
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None):
+        self.dirname = Path(dirname)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        atomic_torch_save(checkpoint, self.dirname / (self.filename or filename))
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None:
+            (self.dirname / filename).unlink(missing_ok=True)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) with atomic writes (temporary file + rename).
+
+    MONAI writes checkpoints in place (``atomic=False``) and removes a fixed-name best model before writing its
+    replacement; this subclass swaps the save handler so that ``models/model.pt`` is always complete. It also
+    offers ``state_dict`` so that the key-metric tracking (the best score so far) is part of the resumable
+    training state: a resumed run does not overwrite a better ``model.pt`` saved before the interruption.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any):
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                old = ckpt.save_handler
+                ckpt.save_handler = _AtomicFileSaver(save_dir, getattr(old, "filename", None))
+
+    def state_dict(self) -> dict:
+        return self._key_metric_checkpoint.state_dict() if self._key_metric_checkpoint is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._key_metric_checkpoint is not None and state_dict:
+            self._key_metric_checkpoint.load_state_dict(state_dict)
+
+
+class TrainingState:
+    """Saves the full training state after every epoch and resumes from it when a run starts again.
+
+    The state file (``torch.save`` of ``{name: obj.state_dict()}``, written atomically) holds every object in
+    ``objects`` (student, term adapters, adversaries, optimisers, schedulers, the best-model saver ...) plus the
+    trainer itself (epoch and iteration counters). If the file exists when the trainer starts, everything is
+    restored (``weights_only=True``) and training continues at the next epoch with the same command; the
+    ``max_epochs`` of the new run is kept, so a finished run can be extended.
+
+    Args:
+        path: state file, e.g. ``models/train_state.pt``.
+        objects: name -> object with ``state_dict``/``load_state_dict``.
+        resume: ``False`` ignores an existing file (it is overwritten after the first epoch).
+        save_interval: save every N epochs (the last epoch is always saved).
+    """
+
+    def __init__(self, path: str | os.PathLike, objects: Mapping[str, Any], resume: bool = True, save_interval: int = 1):
+        self.path = Path(path)
+        self.objects = {k: v for k, v in objects.items() if v is not None}
+        self.resume = bool(resume)
+        self.save_interval = max(1, int(save_interval))
+
+    def attach(self, engine: Engine) -> None:
+        if "trainer" in self.objects:
+            raise ValueError("TrainingState adds the trainer itself under the name 'trainer'; rename that object")
+        self.objects = {**self.objects, "trainer": engine}
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def load(self, engine: Engine) -> None:
+        if not self.resume or not self.path.is_file():
+            return
+        state = torch.load(self.path, map_location=engine.state.device, weights_only=True)
+        missing = sorted(set(self.objects) - set(state))
+        if missing:
+            raise ValueError(f"training state {self.path} lacks {missing}; delete it to start from scratch")
+        max_epochs = engine.state.max_epochs
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state[name])
+        if engine.state.epoch > max_epochs:
+            raise ValueError(
+                f"training state {self.path} is at epoch {engine.state.epoch}, beyond max_epochs={max_epochs}"
+            )
+        engine.state.max_epochs = max_epochs
+        logger.info(f"Resumed training from {self.path} at epoch {engine.state.epoch} of {max_epochs}.")
+
+    def save(self, engine: Engine) -> None:
+        if engine.state.epoch % self.save_interval and engine.state.epoch != engine.state.max_epochs:
+            return
+        atomic_torch_save({name: obj.state_dict() for name, obj in self.objects.items()}, self.path)
+
+
+def loss_scalars(output: Any) -> dict[str, float]:
+    """Every loss scalar of a trainer output (``loss``, ``loss_*``, ``raw_*``), for StatsHandler/TensorBoard.
+
+    Accepts the decollated list of per-sample dicts or a single dict.
+    """
+    first = output[0] if isinstance(output, (list, tuple)) else output
+    return {
+        k: float(v.item() if isinstance(v, torch.Tensor) else v)
+        for k, v in first.items()
+        if isinstance(k, str) and (k == "loss" or k.startswith(("loss_", "raw_")))
+    }
+
+
+class ProgressBar:
+    """A tqdm progress bar (ignite's) over the iterations of an epoch, showing ``keys`` of the output.
+
+    Args:
+        desc: label of the bar (e.g. ``"train"``, ``"evaluate"``).
+        keys: output scalars shown next to the bar (trainer: ``["loss"]``); empty for evaluators.
+        persist: keep the finished bar on screen.
+    """
+
+    def __init__(self, desc: str = "", keys: tuple[str, ...] | list[str] = (), persist: bool = False):
+        self.desc = desc
+        self.keys = tuple(keys)
+        self.persist = persist
+
+    def _postfix(self, output: Any) -> dict[str, float]:
+        scalars = loss_scalars(output)
+        return {k: scalars[k] for k in self.keys if k in scalars}
+
+    def attach(self, engine: Engine) -> None:
+        bar = _IgniteProgressBar(persist=self.persist, desc=self.desc, mininterval=1.0)
+        bar.attach(engine, output_transform=self._postfix if self.keys else None)

@@ -1,0 +1,113 @@
+"""KDTrainer: MONAI's SupervisedTrainer driving a :class:`medkd.distill.Distiller`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+
+from medkd.distill import Distiller
+
+__all__ = ["KDTrainer", "AdversaryStep"]
+
+
+class AdversaryStep:
+    """An extra optimisation step run right after each student step (e.g. a discriminator, WGAN-GP).
+
+    Subclasses implement :meth:`step`, which reads the step's feature dict (``s.logits``, ``t.logits``, taps,
+    ``label``; all still attached to the student's graph, detach what the adversary must not backpropagate
+    into), updates the adversary with its own optimiser, and returns scalars to log (``loss_<name>`` keys).
+    ``state_dict``/``load_state_dict`` make it part of the resumable training state.
+    """
+
+    def step(self, engine: "KDTrainer", features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class KDTrainer(SupervisedTrainer):
+    """Trains the student of a :class:`~medkd.distill.Distiller` (task loss + weighted KD terms).
+
+    ``engine.network`` is the Distiller (student + term adapters + frozen teacher), so DDP, ``train()`` and
+    the optimiser see exactly what is trained; the bundle's ``network`` (the student alone) is what validation,
+    checkpoints, export and MONAI Label use. Each iteration: teacher forward (no grad) -> student forward with
+    taps -> task loss + terms -> backward -> optimiser step -> adversary steps. ``engine.state.output`` holds
+    ``image``, ``label``, ``pred`` (student logits) and the scalars ``loss``, ``loss_task``, ``loss_<term>``
+    (weighted), ``raw_<term>`` (unweighted) and whatever the adversaries return. A non-finite loss stops
+    training with an error naming the term (the last saved checkpoint is kept). AMP applies on CUDA devices.
+
+    Args:
+        distiller: the :class:`~medkd.distill.Distiller` to train; passed to MONAI as ``network``.
+        optimizer: optimiser over ``distiller.trainable_parameters()``.
+        adversaries: :class:`AdversaryStep` objects run after each student step, in order.
+        kwargs: every other argument of ``monai.engines.SupervisedTrainer`` except ``network`` and
+            ``loss_function`` (the Distiller's task loss is used), e.g. ``device``, ``max_epochs``,
+            ``train_data_loader``, ``train_handlers``, ``key_train_metric``, ``postprocessing``, ``amp``.
+    """
+
+    def __init__(self, distiller: Distiller, optimizer: torch.optim.Optimizer, adversaries: Sequence[AdversaryStep] = (), **kwargs: Any):
+        for key in ("network", "loss_function", "iteration_update", "accumulation_steps", "compile"):
+            if key in kwargs:
+                raise TypeError(f"KDTrainer does not take '{key}': the Distiller defines the network and its losses")
+        super().__init__(network=distiller, optimizer=optimizer, loss_function=distiller.task_loss, **kwargs)
+        self.distiller = distiller
+        self.adversaries = list(adversaries or [])
+
+    def _iteration(self, engine: "KDTrainer", batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[0], batch[1]
+        labelled = batchdata.get("labelled") if isinstance(batchdata, dict) else None
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        use_amp = engine.amp and engine.scaler is not None and torch.device(engine.state.device).type == "cuda"
+        with torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
+            out = engine.network(inputs, targets, labelled)
+        engine.state.output[Keys.PRED] = out["pred"]
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        loss = out["loss"]
+        self._check_finite(engine, out)
+        engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if use_amp:
+            engine.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+
+        features = out.pop("features")
+        for adversary in self.adversaries:
+            out.update(adversary.step(engine, features))
+        del features
+        engine.state.output.update({k: v.detach() for k, v in out.items() if k.startswith(("loss", "raw_"))})
+        engine.state.output[Keys.PRED] = out["pred"].detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    @staticmethod
+    def _check_finite(engine: "KDTrainer", out: dict) -> None:
+        if math.isfinite(float(out["loss"].detach())):
+            return
+        bad = [k for k, v in out.items() if k.startswith("raw_") or k == "loss_task" if not math.isfinite(float(v))]
+        names = [k[4:] if k.startswith("raw_") else "task" for k in bad] or ["total"]
+        raise FloatingPointError(
+            f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
+            f"term(s) {names} = {[float(out[k]) for k in bad]}. Training stopped before the optimiser step; "
+            "the last saved checkpoint is kept. Lower the learning rate or the term's weight, or check the inputs."
+        )

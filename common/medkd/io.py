@@ -1,0 +1,68 @@
+"""Small file helpers shared by the data preparation and the training engine: atomic writes and safe loads."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "load_state_dict_file"]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
+
+    A crash leaves either the old file or the new one, never a truncated file. The file gets the usual
+    permissions (``0o666`` minus the umask), not the ``0o600`` of a bare temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` with the atomic-rename guarantee of :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state_dict_file(path: str | os.PathLike, map_location: Any = "cpu", key: str | None = "model") -> dict:
+    """Load a state dict saved by ``torch.save`` with ``weights_only=True``.
+
+    Accepts a bare state dict (what MONAI's ``CheckpointSaver`` writes for a single object) or a dict holding it
+    under ``key`` (what ``{"model": net}`` checkpoints and MONAI Label write).
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the file cannot be read as a weights-only checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise ValueError(f"cannot read checkpoint {path} as a weights-only state dict: {e}") from e
+    if key and isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
+        ckpt = ckpt[key]
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
+    return ckpt

@@ -1,0 +1,14 @@
+"""KD loss modules. Each is a plain ``torch.nn.Module`` called as ``loss(student, teacher[, label])``; it works on
+2D and 3D tensors, averages dense quantities per pixel/voxel, detaches the teacher, and reduces over the batch."""
+
+from medkd.losses.attention import ImportanceMapsDistillation, attention_map
+from medkd.losses.logits import PredictionMapDistillation
+from medkd.losses.region import RegionAffinityDistillation, region_affinities
+
+__all__ = [
+    "ImportanceMapsDistillation",
+    "PredictionMapDistillation",
+    "RegionAffinityDistillation",
+    "attention_map",
+    "region_affinities",
+]
