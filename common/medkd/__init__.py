@@ -1,0 +1,8 @@
+"""medkd: knowledge distillation for medical image segmentation, as MONAI bundles.
+
+Subpackages: ``medkd.networks`` (tap points, papers' networks), ``medkd.losses`` (KD losses),
+``medkd.distill`` (taps, loss terms, Distiller), ``medkd.engines`` (KDTrainer, handlers), ``medkd.data``
+(datalists, demo dataset), ``medkd.profiling`` (parameters, FLOPs, latency, memory).
+"""
+
+__version__ = "0.1.0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -112,6 +113,8 @@ class TrainingState:
     def save(self, engine: Engine) -> None:
         if engine.state.epoch % self.save_interval and engine.state.epoch != engine.state.max_epochs:
             return
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return  # ranks hold identical replicas; rank 0 writes
         atomic_torch_save({name: obj.state_dict() for name, obj in self.objects.items()}, self.path)
 
 
@@ -135,17 +138,22 @@ class ProgressBar:
         desc: label of the bar (e.g. ``"train"``, ``"evaluate"``).
         keys: output scalars shown next to the bar (trainer: ``["loss"]``); empty for evaluators.
         persist: keep the finished bar on screen.
+        only_tty: draw the bar only when stderr is a terminal (log files and CI logs get the StatsHandler lines
+            instead of carriage-return noise).
     """
 
-    def __init__(self, desc: str = "", keys: tuple[str, ...] | list[str] = (), persist: bool = False):
+    def __init__(self, desc: str = "", keys: tuple[str, ...] | list[str] = (), persist: bool = False, only_tty: bool = True):
         self.desc = desc
         self.keys = tuple(keys)
         self.persist = persist
+        self.only_tty = only_tty
 
     def _postfix(self, output: Any) -> dict[str, float]:
         scalars = loss_scalars(output)
         return {k: scalars[k] for k in self.keys if k in scalars}
 
     def attach(self, engine: Engine) -> None:
+        if self.only_tty and not sys.stderr.isatty():
+            return
         bar = _IgniteProgressBar(persist=self.persist, desc=self.desc, mininterval=1.0)
         bar.attach(engine, output_transform=self._postfix if self.keys else None)

@@ -46,7 +46,8 @@ class KDTrainer(SupervisedTrainer):
     training with an error naming the term (the last saved checkpoint is kept). AMP applies on CUDA devices.
 
     Args:
-        distiller: the :class:`~medkd.distill.Distiller` to train; passed to MONAI as ``network``.
+        distiller: the :class:`~medkd.distill.Distiller` to train, or a ``DistributedDataParallel`` wrapping it
+            (multi-GPU); passed to MONAI as ``network``.
         optimizer: optimiser over ``distiller.trainable_parameters()``.
         adversaries: :class:`AdversaryStep` objects run after each student step, in order.
         kwargs: every other argument of ``monai.engines.SupervisedTrainer`` except ``network`` and
@@ -58,8 +59,11 @@ class KDTrainer(SupervisedTrainer):
         for key in ("network", "loss_function", "iteration_update", "accumulation_steps", "compile"):
             if key in kwargs:
                 raise TypeError(f"KDTrainer does not take '{key}': the Distiller defines the network and its losses")
-        super().__init__(network=distiller, optimizer=optimizer, loss_function=distiller.task_loss, **kwargs)
-        self.distiller = distiller
+        core = distiller.module if isinstance(distiller, torch.nn.parallel.DistributedDataParallel) else distiller
+        if not isinstance(core, Distiller):
+            raise TypeError(f"KDTrainer needs a medkd.distill.Distiller (optionally DDP-wrapped), got {type(core).__name__}")
+        super().__init__(network=distiller, optimizer=optimizer, loss_function=core.task_loss, **kwargs)
+        self.distiller = core
         self.adversaries = list(adversaries or [])
 
     def _iteration(self, engine: "KDTrainer", batchdata: dict[str, torch.Tensor]) -> dict:
@@ -104,7 +108,8 @@ class KDTrainer(SupervisedTrainer):
     def _check_finite(engine: "KDTrainer", out: dict) -> None:
         if math.isfinite(float(out["loss"].detach())):
             return
-        bad = [k for k, v in out.items() if k.startswith("raw_") or k == "loss_task" if not math.isfinite(float(v))]
+        checked = [k for k in out if k == "loss_task" or k.startswith("raw_")]
+        bad = [k for k in checked if not math.isfinite(float(out[k]))]
         names = [k[4:] if k.startswith("raw_") else "task" for k in bad] or ["total"]
         raise FloatingPointError(
             f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "

@@ -40,7 +40,11 @@ class PredictionMapDistillation(nn.Module):
         if student.shape[1] < 2:
             raise ValueError("PredictionMapDistillation needs at least 2 classes on the channel axis")
         t = self.temperature
-        log_p = F.log_softmax(student.float() / t, dim=1)
-        log_q = F.log_softmax(teacher.detach().float() / t, dim=1)
-        kl = (log_q.exp() * (log_q - log_p)).sum(dim=1)  # (B, *spatial)
-        return reduce_batch(kl.flatten(1).mean(dim=1) * t * t, self.reduction)
+        pixels = student[0, 0].numel()
+        log_p = F.log_softmax(student.float() * (1.0 / t), dim=1)
+        with torch.no_grad():  # KL = sum q log q - sum q log p; the first sum is a constant for the student
+            log_q = F.log_softmax(teacher.float() * (1.0 / t), dim=1)
+            q = log_q.exp()
+            neg_entropy = log_q.mul_(q).flatten(1).sum(dim=1)
+        cross = (q * log_p).flatten(1).sum(dim=1)
+        return reduce_batch((neg_entropy - cross) * (t * t / pixels), self.reduction)

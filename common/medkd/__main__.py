@@ -1,0 +1,3 @@
+from medkd.cli import main
+
+main()

@@ -1,0 +1,218 @@
+"""Every bundle: model-zoo checks, a few real iterations of each config, resume, bad input, 3D recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE_NAMES, BUNDLES, ROOT, SCHEMA, TINY_2D, TINY_3D, copy_datalist, error_chain, run_workflow, workflow
+from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+
+
+def cfg(bundle: str, name: str) -> str:
+    return str(BUNDLES / bundle / "configs" / name)
+
+
+def kd_overrides(bundle: str, teacher: Path | None) -> dict:
+    return {"teacher_ckpt": str(teacher)} if bundle != "supervised_segmentation" else {}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny2d, teacher_2d, tmp_path_factory) -> dict[str, Path]:
+    """Each bundle trained for one epoch on the tiny 2D data; returns bundle -> checkpoint folder."""
+    out = {}
+    for bundle in BUNDLE_NAMES:
+        ckpt = tmp_path_factory.mktemp(bundle)
+        run_workflow(bundle, ["train.json"], dataset_dir=str(tiny2d), ckpt_dir=str(ckpt), output_dir=str(ckpt / "eval"),
+                     **TINY_2D, **kd_overrides(bundle, teacher_2d))
+        out[bundle] = ckpt
+    return out
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_bundle_files_and_metadata(bundle, tmp_path):
+    root = BUNDLES / bundle
+    for name in ("LICENSE", "large_files.yml", "docs/README.md", "configs/metadata.json", "configs/train.json",
+                 "configs/evaluate.json", "configs/inference.json", "configs/multi_gpu_train.json", "configs/logging.conf"):
+        assert (root / name).is_file(), f"{bundle} lacks {name}"
+    verify_metadata(meta_file=cfg(bundle, "metadata.json"), filepath=str(SCHEMA))
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    assert meta["required_packages_version"] == meta["optional_packages_version"]
+    broken = dict(meta)
+    del broken["network_data_format"]
+    (tmp_path / "metadata.json").write_text(json.dumps(broken))
+    with pytest.raises(Exception, match="network_data_format"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(SCHEMA))
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_verify_net_in_out_and_torchscript_export(bundle, trained, tmp_path):
+    verify_net_in_out(net_id="network_def", meta_file=cfg(bundle, "metadata.json"), config_file=cfg(bundle, "inference.json"))
+    ts = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(trained[bundle] / "model.pt"),
+                meta_file=cfg(bundle, "metadata.json"), config_file=cfg(bundle, "inference.json"))
+    scripted = torch.jit.load(str(ts))
+    wf = workflow(bundle, ["inference.json"], workflow_type="infer")
+    net = wf.parser.get_parsed_content("network_def").eval()
+    net.load_state_dict(torch.load(trained[bundle] / "model.pt", weights_only=True))
+    x = torch.randn(1, 1, 32, 64)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), net(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_train_saves_student_only_and_state(bundle, trained):
+    state = torch.load(trained[bundle] / "model.pt", weights_only=True)
+    wf = workflow(bundle, ["train.json"], dataset_dir="unused")
+    student = wf.parser.get_parsed_content("network_def")
+    assert set(state) == set(student.state_dict())  # the bare student: no teacher, no adapters
+    train_state = torch.load(trained[bundle] / "train_state.pt", weights_only=True)
+    assert train_state["trainer"]["iteration"] == train_state["trainer"]["epoch_length"]  # one epoch
+    assert {"network", "optimizer", "lr_scheduler", "kd_terms", "best_model_saver"} <= set(train_state)
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_evaluate_and_inference(bundle, trained, tiny2d, tmp_path, teacher_2d):
+    eval_dir = tmp_path / "eval"
+    run_workflow(bundle, ["train.json", "evaluate.json"], dataset_dir=str(tiny2d), ckpt_dir=str(trained[bundle]),
+                 output_dir=str(eval_dir), save_predictions=True, **TINY_2D, **kd_overrides(bundle, teacher_2d))
+    rows = (eval_dir / "val_mean_dice_raw.csv").read_text().splitlines()
+    test_items = json.loads((tiny2d / "datalist.json").read_text())["test"]
+    assert len(rows) == 1 + len(test_items)
+    dice = [float(v) for row in rows[1:] for v in row.split(",")[1:]]
+    assert all(0.0 <= v <= 1.0 for v in dice if not np.isnan(v))
+    assert len(list((eval_dir / "predictions").glob("*_seg.nii.gz"))) == len(test_items)
+
+    infer_dir = tmp_path / "infer"
+    run_workflow(bundle, ["inference.json"], workflow_type="infer", dataset_dir=str(tiny2d), ckpt_dir=str(trained[bundle]),
+                 output_dir=str(infer_dir), roi_size=TINY_2D["roi_size"])
+    for item in test_items:
+        stem = Path(item["image"]).name.replace(".nii.gz", "")
+        seg = nib.load(infer_dir / f"{stem}_seg.nii.gz")
+        image = nib.load(tiny2d / item["image"])
+        assert seg.shape[:2] == image.shape
+        assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2}
+        assert np.allclose(seg.affine, image.affine)
+
+
+def test_kd_bundle_refuses_missing_or_mismatching_teacher(tiny2d, tmp_path):
+    out = tmp_path / "run"
+    common = dict(dataset_dir=str(tiny2d), ckpt_dir=str(out), output_dir=str(out / "eval"), **TINY_2D)
+    with pytest.raises(Exception) as err:
+        run_workflow("emkd_segmentation", ["train.json"], teacher_ckpt=str(tmp_path / "missing.pt"), **common)
+    assert f"teacher checkpoint not found: {tmp_path / 'missing.pt'}" in error_chain(err.value)
+    wf = workflow("emkd_segmentation", ["train.json"], dataset_dir=str(tiny2d))
+    torch.save(wf.parser.get_parsed_content("network_def").state_dict(), tmp_path / "student_as_teacher.pt")
+    with pytest.raises(Exception) as err:
+        run_workflow("emkd_segmentation", ["train.json"], teacher_ckpt=str(tmp_path / "student_as_teacher.pt"), **common)
+    assert "student_as_teacher.pt does not match teacher_def UNet" in error_chain(err.value)
+    assert not (out / "train_state.pt").exists() and not (out / "model.pt").exists()
+
+
+def test_baseline_and_kd_bundles_share_the_schedule():
+    """The no-KD baseline is only fair if data, schedule, optimiser and evaluation are the same in both bundles."""
+    sup = json.loads(Path(cfg("supervised_segmentation", "train.json")).read_text())
+    kd = json.loads(Path(cfg("emkd_segmentation", "train.json")).read_text())
+    different = {"network_def", "distiller"}
+    kd_only = {"teacher_def", "teacher_ckpt", "teacher_taps", "student_taps", "kd_terms", "temperature", "imd_p",
+               "pmd_weight", "imd_weight", "rad_weight"}
+    assert set(kd) - set(sup) == kd_only and set(sup) <= set(kd)
+    for key in set(sup) - different:
+        assert sup[key] == kd[key], f"'{key}' differs between the supervised and the EMKD bundle"
+    assert kd["network_def"] == json.loads(Path(cfg("emkd_segmentation", "inference.json")).read_text())["network_def"]
+    assert sup["network_def"] == kd["teacher_def"]
+
+
+def test_bundle_json_is_zoo_formatted():
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "format_json.py"), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", r"image file not found: .*sub-\d+_z\d+\.nii\.gz"),
+        ("shape", r"has shape \(48, 64\) but label .*labelsTr/.*has shape \(48, 32\)"),
+        ("label_value", r"label .*labelsTr/.*has values \[5\] outside the classes 0..2"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_overwrites_nothing(case, match, tiny2d, trained, tmp_path):
+    data = copy_datalist(tiny2d, tmp_path / "data")
+    entry = json.loads((data / "datalist.json").read_text())["validation"][0]
+    if case == "missing":
+        (data / entry["image"]).unlink()
+    else:
+        lab = nib.load(data / entry["label"])
+        arr = np.asarray(lab.dataobj).copy()
+        if case == "shape":
+            arr = arr[:, :32]
+        else:
+            arr[3, 3] = 5
+        nib.save(nib.Nifti1Image(arr, lab.affine), data / entry["label"])
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("model.pt", "train_state.pt"):
+        (ckpt / name).write_bytes((trained["supervised_segmentation"] / name).read_bytes())
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in ckpt.iterdir()}
+    with pytest.raises(Exception) as err:
+        run_workflow("supervised_segmentation", ["train.json"], dataset_dir=str(data), ckpt_dir=str(ckpt),
+                     output_dir=str(ckpt / "eval"), **{**TINY_2D, "epochs": 3}, check=False)
+    assert re.search(match, error_chain(err.value)), error_chain(err.value)
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in ckpt.iterdir()}
+    assert after == before
+
+
+def test_resume_after_a_kill_continues_with_the_same_command(tiny2d, tmp_path):
+    """Kill a CLI run once its first epoch is saved; the same command resumes epoch counter and optimiser state."""
+    out = tmp_path / "run"
+    epochs = 6
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", cfg("supervised_segmentation", "train.json"),
+           "--bundle_root", str(BUNDLES / "supervised_segmentation"), "--dataset_dir", str(tiny2d), "--ckpt_dir", str(out),
+           "--output_dir", str(out / "eval"), "--roi_size", "[48,64]", "--epochs", str(epochs), "--batch_size", "2",
+           "--val_interval", "1", "--learning_rate", "0.001"]
+    state = out / "train_state.pt"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = torch.load(state, weights_only=True)
+    stopped_at = first["trainer"]["iteration"] // first["trainer"]["epoch_length"]
+    assert 1 <= stopped_at < epochs, "the run must be killed part-way"
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"Resumed training from {state} at epoch {stopped_at} of {epochs}" in done.stdout + done.stderr
+    final = torch.load(state, weights_only=True)
+    iters_per_epoch = final["trainer"]["epoch_length"]
+    assert final["trainer"]["iteration"] == epochs * iters_per_epoch
+    adam_steps = {float(s["step"]) for s in final["optimizer"]["state"].values()}
+    assert adam_steps == {float(epochs * iters_per_epoch)}, "optimiser state must continue, not restart"
+    assert final["lr_scheduler"]["last_epoch"] == epochs
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_3d_recipe_trains(bundle, tiny3d, tmp_path):
+    recipe = ["train.json", "recipes/demo_3d.json"]
+    teacher_dir = tmp_path / "teacher3d"
+    extra = {}
+    if bundle != "supervised_segmentation":
+        run_workflow("supervised_segmentation", recipe, dataset_dir=str(tiny3d), ckpt_dir=str(teacher_dir),
+                     output_dir=str(teacher_dir / "eval"), **TINY_3D)
+        extra = {"teacher_ckpt": str(teacher_dir / "model.pt")}
+    out = tmp_path / "run"
+    wf = run_workflow(bundle, recipe, dataset_dir=str(tiny3d), ckpt_dir=str(out), output_dir=str(out / "eval"), **TINY_3D, **extra)
+    assert wf.parser.get_parsed_content("spatial_dims") == 3
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert any(v.ndim == 5 for v in state.values())  # 3D convolution kernels

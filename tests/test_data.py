@@ -1,0 +1,93 @@
+"""The embedded demo dataset and the datalist checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medkd.data import check_datalist, load_datalist, prepare_demo
+
+
+def digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    a = prepare_demo(tmp_path / "a", subjects=3, seed=5, dims=2, spacing=8.0, slices_per_subject=2).parent
+    b = prepare_demo(tmp_path / "b", subjects=3, seed=5, dims=2, spacing=8.0, slices_per_subject=2).parent
+    c = prepare_demo(tmp_path / "c", subjects=3, seed=6, dims=2, spacing=8.0, slices_per_subject=2).parent
+    assert digest(a) == digest(b)
+    assert digest(a) != digest(c)
+
+
+def test_demo_2d_layout_labels_and_splits(tiny2d):
+    data = json.loads((tiny2d / "datalist.json").read_text())
+    assert data["labels"] == {"0": "background", "1": "grey matter", "2": "white matter"}
+    subjects = {split: {e["subject"] for e in data[split]} for split in ("training", "validation", "test")}
+    assert all(subjects.values())
+    assert not (subjects["training"] & subjects["test"]) and not (subjects["validation"] & subjects["test"])
+    for entry in load_datalist(tiny2d / "datalist.json", "training"):
+        img, lab = nib.load(entry["image"]), nib.load(entry["label"])
+        assert img.shape == lab.shape == (48, 64)
+        values = np.unique(np.asarray(lab.dataobj))
+        assert set(values.tolist()) <= {0, 1, 2} and {1, 2} <= set(values.tolist())
+        image = np.asarray(img.dataobj)
+        # T1 contrast survives the bias field and noise: white matter is brighter than grey matter
+        labels = np.asarray(lab.dataobj)
+        assert image[labels == 2].mean() > image[labels == 1].mean() > image[labels == 0].mean()
+
+
+def test_demo_3d_volumes(tiny3d):
+    data = json.loads((tiny3d / "datalist.json").read_text())
+    assert data["tensorImageSize"] == "3D" and data["numTraining"] == 1
+    entry = load_datalist(tiny3d / "datalist.json", "training")[0]
+    assert nib.load(entry["image"]).shape == (32, 32, 32)
+    assert nib.load(entry["image"]).header.get_zooms() == (8.0, 8.0, 8.0)
+
+
+def test_prepare_cli_and_bad_arguments(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "medkd", "prepare", "demo", "--out", str(out), "--subjects", "3", "--seed", "4", "--dims", "2", "--spacing", "8", "--slices_per_subject", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "datalist.json" in done.stdout and (out / "datalist.json").is_file()
+    with pytest.raises(ValueError, match="dims must be 2 or 3"):
+        prepare_demo(tmp_path / "x", dims=4)
+    with pytest.raises(ValueError, match="at least 3 subjects"):
+        prepare_demo(tmp_path / "x", subjects=2)
+    with pytest.raises(TypeError, match="unknown demo dataset options"):
+        prepare_demo(tmp_path / "x", subjects=3, noisee=0.1)
+
+
+def test_check_datalist_errors_name_the_file(tiny2d, tmp_path):
+    items = load_datalist(tiny2d / "datalist.json", "training")
+    assert check_datalist(items, num_classes=3) == items
+
+    missing = [dict(items[0], image=str(tmp_path / "gone.nii.gz"))]
+    with pytest.raises(FileNotFoundError, match="image file not found: .*gone.nii.gz"):
+        check_datalist(missing, num_classes=3)
+
+    other = nib.load(items[0]["label"])
+    cropped = tmp_path / "cropped_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(other.dataobj)[:40], other.affine), cropped)
+    with pytest.raises(ValueError, match=r"has shape \(48, 64\) but label .*cropped_label.nii.gz has shape \(40, 64\)"):
+        check_datalist([dict(items[0], label=str(cropped))], num_classes=3)
+
+    big = tmp_path / "label_with_7.nii.gz"
+    arr = np.asarray(other.dataobj).copy()
+    arr[0, 0] = 7
+    nib.save(nib.Nifti1Image(arr, other.affine), big)
+    with pytest.raises(ValueError, match=r"label .*label_with_7.nii.gz has values \[7\] outside the classes 0..2"):
+        check_datalist([dict(items[0], label=str(big))], num_classes=3)
+
+
+def test_load_datalist_errors(tmp_path, tiny2d):
+    with pytest.raises(FileNotFoundError, match="datalist file not found"):
+        load_datalist(tmp_path / "none.json")
+    with pytest.raises(KeyError, match="has no 'testing' list"):
+        load_datalist(tiny2d / "datalist.json", "testing")
