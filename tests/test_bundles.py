@@ -83,6 +83,22 @@ def test_train_saves_student_only_and_state(bundle, trained):
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_every_loss_term_reaches_tensorboard(bundle, trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (trained[bundle] / "eval").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    wf = workflow(bundle, ["train.json"], dataset_dir="unused")
+    terms = [t["name"] for t in wf.parser["kd_terms"]] if "kd_terms" in wf.parser.config else []
+    expected = {"loss", "loss_task"} | {f"loss_{n}" for n in terms} | {f"raw_{n}" for n in terms}
+    assert expected <= tags, expected - tags
+    assert "val_mean_dice" in tags
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_evaluate_and_inference(bundle, trained, tiny2d, tmp_path, teacher_2d):
     eval_dir = tmp_path / "eval"
     run_workflow(bundle, ["train.json", "evaluate.json"], dataset_dir=str(tiny2d), ckpt_dir=str(trained[bundle]),
@@ -216,3 +232,23 @@ def test_3d_recipe_trains(bundle, tiny3d, tmp_path):
     assert wf.parser.get_parsed_content("spatial_dims") == 3
     state = torch.load(out / "model.pt", weights_only=True)
     assert any(v.ndim == 5 for v in state.values())  # 3D convolution kernels
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_multi_gpu_config_under_torchrun_on_cpu(bundle, tiny2d, teacher_2d, tmp_path):
+    """multi_gpu_train.json with 2 processes (gloo on CPU): DDP-wrapped Distiller, rank-0 checkpoints."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m", "monai.bundle",
+           "run", "--config_file", str([cfg(bundle, "train.json"), cfg(bundle, "multi_gpu_train.json")]),
+           "--bundle_root", str(BUNDLES / bundle), "--dataset_dir", str(tiny2d), "--ckpt_dir", str(out),
+           "--output_dir", str(out / "eval"), "--roi_size", "[48,64]", "--epochs", "2", "--batch_size", "2", "--val_interval", "1"]
+    if bundle != "supervised_segmentation":
+        cmd += ["--teacher_ckpt", str(teacher_2d)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    wf = workflow(bundle, ["inference.json"], workflow_type="infer")
+    student = wf.parser.get_parsed_content("network_def")
+    student.load_state_dict(torch.load(out / "model.pt", weights_only=True))  # strict: the bare student, no "module."
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]

@@ -96,7 +96,7 @@ class TrainingState:
     def load(self, engine: Engine) -> None:
         if not self.resume or not self.path.is_file():
             return
-        state = torch.load(self.path, map_location=engine.state.device, weights_only=True)
+        state = torch.load(self.path, map_location=getattr(engine.state, "device", "cpu"), weights_only=True)
         missing = sorted(set(self.objects) - set(state))
         if missing:
             raise ValueError(f"training state {self.path} lacks {missing}; delete it to start from scratch")
