@@ -1,6 +1,7 @@
 """Overhead of a KD step over its floor (teacher forward + student step), measured in one run on one batch.
 
-    python tools/benchmark_kd_step.py [--size 256] [--batch 8] [--dims 2] [--repeats 10] [--bundle emkd_segmentation]
+    python tools/benchmark_kd_step.py [--size 256] [--batch 8] [--dims 2] [--repeats 20] [--bundle emkd_segmentation]
+        [--overrides '{"teacher_def#channels": [32, 64, 128, 256, 512]}']
 
 Builds the teacher, the student, the task loss and the KD terms from the bundle's ``configs/train.json`` (so it
 measures exactly what the bundle trains; the teacher gets random weights saved to a temporary checkpoint) and
@@ -31,10 +32,11 @@ from medkd.profiling import median_time, peak_memory
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(bundle: str, dims: int, num_classes: int | None):
+def build(bundle: str, dims: int, num_classes: int | None, overrides: dict | None = None):
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))
     parser["spatial_dims"] = dims
+    parser.update(overrides or {})
     if num_classes:
         parser["num_classes"] = num_classes
     student = parser.get_parsed_content("network_def", instantiate=True)
@@ -47,14 +49,14 @@ def build(bundle: str, dims: int, num_classes: int | None):
 
 
 def main(size: int = 256, batch: int = 8, dims: int = 2, repeats: int = 20, warmup: int = 3, bundle: str = "emkd_segmentation",
-         threads: int = 0, num_classes: int = 0, out: str = "") -> None:
+         threads: int = 0, num_classes: int = 0, overrides: dict | None = None, out: str = "") -> None:
     from medkd.distill import Distiller
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device("cpu")
-    n_cls, student, teacher, task_loss, terms, s_taps, t_taps = build(bundle, dims, num_classes or None)
+    n_cls, student, teacher, task_loss, terms, s_taps, t_taps = build(bundle, dims, num_classes or None, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "teacher.pt")
         torch.save(teacher.state_dict(), ckpt)
@@ -95,8 +97,10 @@ def main(size: int = 256, batch: int = 8, dims: int = 2, repeats: int = 20, warm
     ratio = t_kd / (t_teacher + t_student)
     ratio_best = best["KD step (EMKD)"] / (best["teacher forward (no grad)"] + best["student step (fwd+bwd+Adam)"])
     lines = [
-        f"KD step benchmark: bundle {bundle}, {dims}D {size}^{dims}, batch {batch}, {n_cls} classes, "
-        f"{torch.get_num_threads()} CPU threads, median of {repeats} interleaved rounds",
+        f"KD step benchmark: bundle {bundle}{f' with {overrides}' if overrides else ''}, {dims}D {size}^{dims}, "
+        f"batch {batch}, {n_cls} classes, {torch.get_num_threads()} CPU threads, {repeats} interleaved rounds; "
+        f"teacher {sum(p.numel() for p in teacher_net.parameters()) / 1e6:.2f} M parameters, "
+        f"student {sum(p.numel() for p in student.parameters()) / 1e3:.1f} k",
         "",
         "| step | median time (ms) | fastest round (ms) | peak memory (MB) |",
         "|---|---|---|---|",

@@ -103,19 +103,22 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
     return int(max(a["Total Allocated"] for a in mem) - base)
 
 
-def profile_network(net: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu", repeats: int = 10) -> dict:
-    """Parameters, FLOPs, median latency (ms) and peak inference memory (MB) for one input of ``input_shape``.
+def profile_network(
+    net: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu", repeats: int = 10, memory: bool = True
+) -> dict:
+    """Parameters, FLOPs, median latency (ms) and (with ``memory``) peak inference memory (MB) for one input.
 
     ``input_shape`` includes the batch and channel axes, e.g. ``(1, 1, 96, 112)``.
     """
     device = torch.device(device)
     net = net.to(device).eval()
     example = torch.randn(*input_shape, device=device)
-    with torch.no_grad():
-        mem = peak_memory(lambda: net(example), device)
-    return {
+    result = {
         "params": count_parameters(net),
         "flops": count_flops(net, example),
         "latency_ms": 1000.0 * latency(net, example, repeats=repeats),
-        "peak_memory_mb": mem / 2**20,
     }
+    if memory:
+        with torch.no_grad():
+            result["peak_memory_mb"] = peak_memory(lambda: net(example), device) / 2**20
+    return result
