@@ -77,34 +77,63 @@ def test_atomic_checkpoint_saver_keeps_the_best_and_resumes_its_score(tmp_path):
     assert load_state_dict_file(tmp_path / "model.pt")["weight"].flatten().tolist() == pytest.approx([0.9, 0.9])
 
 
-def test_training_state_round_trip(tmp_path):
-    net = nn.Linear(3, 2)
-    opt = torch.optim.Adam(net.parameters(), lr=0.1)
-
+def _adam_trainer(net, opt):
     def step(engine, batch):
         opt.zero_grad()
         net(torch.ones(1, 3)).sum().backward()
         opt.step()
 
-    trainer = Engine(step)
+    return Engine(step)
+
+
+def test_training_state_round_trip(tmp_path):
+    net = nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    trainer = _adam_trainer(net, opt)
     TrainingState(tmp_path / "state.pt", {"network": net, "optimizer": opt}).attach(trainer)
-    trainer.run([0, 1], max_epochs=2)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())  # "crash" after epoch 1
+    trainer.run([0, 1], max_epochs=3)
     saved = torch.load(tmp_path / "state.pt", weights_only=True)
-    assert saved["trainer"]["iteration"] == 4 and saved["optimizer"]["state"][0]["step"] == 4
+    assert saved["trainer"]["iteration"] == 2 and saved["optimizer"]["state"][0]["step"] == 2
+    weight_after_epoch1 = net.weight.detach().clone()
 
     net2 = nn.Linear(3, 2)
     opt2 = torch.optim.Adam(net2.parameters(), lr=0.1)
-    trainer2 = Engine(lambda e, b: None)
+    trainer2 = _adam_trainer(net2, opt2)
+    resumed = []
+    trainer2.add_event_handler(Events.STARTED, lambda e: resumed.append(e.state.epoch))
     TrainingState(tmp_path / "state.pt", {"network": net2, "optimizer": opt2}).attach(trainer2)
     trainer2.run([0, 1], max_epochs=3)
     assert trainer2.state.epoch == 3 and trainer2.state.iteration == 6
-    assert torch.equal(net2.weight, net.weight)
-    assert opt2.state_dict()["state"][0]["step"] == 4
+    assert opt2.state_dict()["state"][0]["step"] == 6
+    assert not torch.equal(net2.weight, weight_after_epoch1)
 
+    net3 = nn.Linear(3, 2)
+    opt3 = torch.optim.Adam(net3.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="lacks \\['extra'\\]"):
         trainer3 = Engine(lambda e, b: None)
-        TrainingState(tmp_path / "state.pt", {"network": net2, "optimizer": opt2, "extra": nn.Linear(1, 1)}).attach(trainer3)
-        trainer3.run([0], max_epochs=3)
+        TrainingState(tmp_path / "state.pt", {"network": net3, "optimizer": opt3, "extra": nn.Linear(1, 1)}).attach(trainer3)
+        trainer3.run([0, 1], max_epochs=3)
+
+
+@pytest.mark.parametrize("data, max_epochs, match", [([0, 1], 5, "max_epochs was 3, is now 5"), ([0, 1, 2], 3, "epoch_length was 2, is now 3")])
+def test_training_state_refuses_a_run_it_does_not_fit(tmp_path, data, max_epochs, match):
+    net = nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    trainer = _adam_trainer(net, opt)
+    TrainingState(tmp_path / "state.pt", {"network": net, "optimizer": opt}).attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())
+    trainer.run([0, 1], max_epochs=3)
+    before = (tmp_path / "state.pt").read_bytes()
+    other = _adam_trainer(net, opt)
+    TrainingState(tmp_path / "state.pt", {"network": net, "optimizer": opt}).attach(other)
+    with pytest.raises(ValueError, match=match):
+        other.run(data, max_epochs=max_epochs)
+    assert (tmp_path / "state.pt").read_bytes() == before
+    fresh = _adam_trainer(net, opt)
+    TrainingState(tmp_path / "state.pt", {"network": net, "optimizer": opt}, resume=False).attach(fresh)
+    fresh.run(data, max_epochs=max_epochs)
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["trainer"]["iteration"] == len(data) * max_epochs
 
 
 def test_loss_scalars_and_progress_bar(monkeypatch):

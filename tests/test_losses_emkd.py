@@ -141,6 +141,56 @@ def test_rad_nearest_mask_equals_resized_one_hot():
     assert loss(s, t, label).item() == pytest.approx(loss(s, t, onehot).item(), rel=1e-6)
 
 
+def naive_rad_all_pairs(s, t, label_small, num_classes) -> float:
+    """Every pair i < j of classes present in the sample; centroids as in the official code."""
+
+    def cents(f, b):
+        out, counts = [], []
+        for k in range(num_classes):
+            pos_k = [pos for pos in positions(f.shape[2:]) if int(label_small[(b, *pos)]) == k]
+            counts.append(len(pos_k))
+            denom = max(len(pos_k), 1) if k == 0 else len(pos_k) + 1
+            out.append([sum(float(f[(b, c, *pos)]) for pos in pos_k) / denom for c in range(f.shape[1])])
+        return out, counts
+
+    def cos(u, v):
+        nu, nv = math.sqrt(sum(x * x for x in u)), math.sqrt(sum(x * x for x in v))
+        return sum(x * y for x, y in zip(u, v)) / max(nu * nv, 1e-8)
+
+    total = 0.0
+    for b in range(s.shape[0]):
+        (cs, counts), (ct, _) = cents(s, b), cents(t, b)
+        pairs = [(i, j) for i in range(num_classes) for j in range(i + 1, num_classes) if counts[i] and counts[j]]
+        total += sum((cos(cs[i], cs[j]) - cos(ct[i], ct[j])) ** 2 for i, j in pairs) / max(len(pairs), 1)
+    return total / s.shape[0]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_rad_all_pairs_matches_naive(dims):
+    torch.manual_seed(7 + dims)
+    spatial = SHAPES[dims]
+    s, t = torch.randn(3, 4, *spatial), torch.randn(3, 6, *spatial)
+    label = torch.randint(0, 4, (3, 1, *spatial))
+    label[1][label[1] == 2] = 1  # class 2 absent from sample 1: its pairs are masked
+    got = RegionAffinityDistillation(4, pairs="all")(s, t, label)
+    assert got.item() == pytest.approx(naive_rad_all_pairs(s, t, label[:, 0], 4), rel=1e-4, abs=1e-7)
+    binary = torch.randint(0, 2, (3, 1, *spatial))
+    assert RegionAffinityDistillation(2, pairs="all")(s, t, binary).item() == pytest.approx(
+        RegionAffinityDistillation(2)(s, t, binary).item(), rel=1e-6
+    )
+
+
+def test_rad_sums_stay_float32_under_autocast():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 8, 16, 16) * 50, torch.randn(2, 8, 16, 16) * 50
+    label = torch.randint(0, 3, (2, 1, 32, 32))
+    loss = RegionAffinityDistillation(3)
+    expected = loss(s, t, label)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(s, t, label)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_rad_binary_absent_foreground_contributes_zero():
     """An all-background sample: zero foreground centroid, zero affinity for both networks, no NaN."""
     s, t = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)

@@ -148,7 +148,7 @@ def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, dat
     logs.mkdir(parents=True, exist_ok=True)
     datalist = _ensure_data(Path(data_dir).resolve(), subjects, seed)
     student_def = f"%{bundles_dir() / 'emkd_segmentation' / 'configs' / 'train.json'}#network_def"
-    common = {"dataset_dir": datalist.parent, "epochs": epochs, "num_workers": 0}
+    common = {"dataset_dir": datalist.parent, "epochs": epochs, "num_workers": 0, "resume": False}
     runs = {
         "teacher": ("supervised_segmentation", {}),
         "baseline": ("supervised_segmentation", {"network_def": student_def}),

@@ -104,7 +104,7 @@ class Distiller(nn.Module):
             features.update(self.teacher(image))  # type: ignore[misc]
         with self.student_taps.capture() as taps:
             logits = first_tensor(self.student(image))
-        self.student_taps.check_captured()
+        self.student_taps.check_captured(taps)
         features["s.logits"] = logits
         features.update({f"s.{k}": v for k, v in taps.items()})
 

@@ -18,7 +18,8 @@ class FeatureTaps:
 
     Hooks are registered at construction and stay registered, but store nothing unless :meth:`capture` is
     active, so validation and inference through the same network keep no feature references. Each capture
-    starts from an empty dict: features never leak from one step into the next.
+    writes into a fresh dict that the taps forget when the capture ends: features never leak from one step
+    into the next, and nothing is held between steps.
 
     Args:
         net: any ``torch.nn.Module``.
@@ -57,10 +58,11 @@ class FeatureTaps:
             yield self.features
         finally:
             self._armed = False
+            self.features = {}
 
-    def check_captured(self) -> None:
-        """Raise if a tapped module did not run in the last captured forward (e.g. a branch not taken)."""
-        missing = [n for n in self.specs if n not in self.features]
+    def check_captured(self, features: dict[str, torch.Tensor]) -> None:
+        """Raise if a tapped module did not run in a captured forward (e.g. a branch not taken)."""
+        missing = [n for n in self.specs if n not in features]
         if missing:
             raise RuntimeError(
                 f"{self.role} taps {missing} (modules {[self.specs[n] for n in missing]}) produced no output "

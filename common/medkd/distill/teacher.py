@@ -92,7 +92,7 @@ class LiveTeacher(TeacherSource):
         self.network.eval()
         with self.taps.capture() as feats:
             logits = first_tensor(self.network(image))
-        self.taps.check_captured()
+        self.taps.check_captured(feats)
         out = {"t.logits": logits}
         out.update({f"t.{k}": v for k, v in feats.items()})
         return out

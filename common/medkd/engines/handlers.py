@@ -33,11 +33,18 @@ class _AtomicFileSaver(BaseSaveHandler):
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        atomic_torch_save(checkpoint, self.dirname / (self.filename or filename))
+        if _is_rank0():
+            atomic_torch_save(checkpoint, self.dirname / (self.filename or filename))
 
     def remove(self, filename: str) -> None:
-        if self.filename is None:
+        if self.filename is None and _is_rank0():
             (self.dirname / filename).unlink(missing_ok=True)
+
+
+def _is_rank0() -> bool:
+    """True unless this is a non-zero rank of an initialised process group (replicas are identical there)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -67,11 +74,12 @@ class AtomicCheckpointSaver(CheckpointSaver):
 class TrainingState:
     """Saves the full training state after every epoch and resumes from it when a run starts again.
 
-    The state file (``torch.save`` of ``{name: obj.state_dict()}``, written atomically) holds every object in
-    ``objects`` (student, term adapters, adversaries, optimisers, schedulers, the best-model saver ...) plus the
-    trainer itself (epoch and iteration counters). If the file exists when the trainer starts, everything is
-    restored (``weights_only=True``) and training continues at the next epoch with the same command; the
-    ``max_epochs`` of the new run is kept, so a finished run can be extended.
+    The state file (``torch.save`` of ``{name: obj.state_dict()}``, written atomically by rank 0) holds every
+    object in ``objects`` (student, term adapters, adversaries, optimisers, schedulers, the best-model saver ...)
+    plus the trainer itself (epoch and iteration counters) and its AMP grad scaler. If the file exists when the
+    trainer starts, everything is restored (``weights_only=True``) and training continues at the next epoch with
+    the same command. A state saved for another number of epochs or another epoch length (different data, batch
+    size or GPU count) is refused with an error: its schedule and counters would not fit this run.
 
     Args:
         path: state file, e.g. ``models/train_state.pt``.
@@ -100,22 +108,31 @@ class TrainingState:
         missing = sorted(set(self.objects) - set(state))
         if missing:
             raise ValueError(f"training state {self.path} lacks {missing}; delete it to start from scratch")
-        max_epochs = engine.state.max_epochs
+        saved, now = state["trainer"], {"max_epochs": engine.state.max_epochs, "epoch_length": engine.state.epoch_length}
+        changed = {k: (saved.get(k), v) for k, v in now.items() if v is not None and saved.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"training state {self.path} does not fit this run: "
+                + ", ".join(f"{k} was {a}, is now {b}" for k, (a, b) in changed.items())
+                + ". Delete the file (or pass --resume false) to start from scratch."
+            )
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])
-        if engine.state.epoch > max_epochs:
-            raise ValueError(
-                f"training state {self.path} is at epoch {engine.state.epoch}, beyond max_epochs={max_epochs}"
-            )
-        engine.state.max_epochs = max_epochs
-        logger.info(f"Resumed training from {self.path} at epoch {engine.state.epoch} of {max_epochs}.")
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
+        logger.info(f"Resumed training from {self.path} at epoch {engine.state.epoch} of {engine.state.max_epochs}.")
 
     def save(self, engine: Engine) -> None:
         if engine.state.epoch % self.save_interval and engine.state.epoch != engine.state.max_epochs:
             return
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
-            return  # ranks hold identical replicas; rank 0 writes
-        atomic_torch_save({name: obj.state_dict() for name, obj in self.objects.items()}, self.path)
+        if not _is_rank0():
+            return
+        state = {name: obj.state_dict() for name, obj in self.objects.items()}
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
+        atomic_torch_save(state, self.path)
 
 
 def loss_scalars(output: Any) -> dict[str, float]:

@@ -106,13 +106,19 @@ class KDTrainer(SupervisedTrainer):
 
     @staticmethod
     def _check_finite(engine: "KDTrainer", out: dict) -> None:
-        if math.isfinite(float(out["loss"].detach())):
+        finite = torch.isfinite(out["loss"].detach()).to(torch.float32)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():  # all ranks stop together instead of hanging in backward
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if bool(finite):
             return
         checked = [k for k in out if k == "loss_task" or k.startswith("raw_")]
         bad = [k for k in checked if not math.isfinite(float(out[k]))]
         names = [k[4:] if k.startswith("raw_") else "task" for k in bad] or ["total"]
         raise FloatingPointError(
             f"non-finite loss at epoch {engine.state.epoch}, iteration {engine.state.iteration}: "
-            f"term(s) {names} = {[float(out[k]) for k in bad]}. Training stopped before the optimiser step; "
+            f"term(s) {names} = {[float(out[k]) for k in bad]}"
+            + (" (in the sum of the terms, or on another rank)" if not bad else "")
+            + ". Training stopped before the optimiser step; "
             "the last saved checkpoint is kept. Lower the learning rate or the term's weight, or check the inputs."
         )

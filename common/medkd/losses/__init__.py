@@ -3,7 +3,7 @@
 
 from medkd.losses.attention import ImportanceMapsDistillation, attention_map
 from medkd.losses.logits import PredictionMapDistillation
-from medkd.losses.region import RegionAffinityDistillation, region_affinities
+from medkd.losses.region import RegionAffinityDistillation, region_affinities, region_centroids
 
 __all__ = [
     "ImportanceMapsDistillation",
@@ -11,4 +11,5 @@ __all__ = [
     "RegionAffinityDistillation",
     "attention_map",
     "region_affinities",
+    "region_centroids",
 ]
