@@ -252,3 +252,25 @@ def test_multi_gpu_config_under_torchrun_on_cpu(bundle, tiny2d, teacher_2d, tmp_
     student.load_state_dict(torch.load(out / "model.pt", weights_only=True))  # strict: the bare student, no "module."
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
+
+
+RECIPES = sorted(
+    (b, p.name) for b in BUNDLE_NAMES for p in (BUNDLES / b / "configs" / "recipes").glob("*.json") if p.name != "demo_3d.json"
+)
+
+
+@pytest.mark.parametrize("bundle, recipe", RECIPES)
+def test_every_2d_recipe_trains_an_epoch(bundle, recipe, tiny2d, teacher_2d, tmp_path):
+    out = tmp_path / "run"
+    overrides = {**TINY_2D, **kd_overrides(bundle, teacher_2d)}
+    wf = run_workflow(bundle, ["train.json", f"recipes/{recipe}"], dataset_dir=str(tiny2d), ckpt_dir=str(out),
+                      output_dir=str(out / "eval"), **overrides)
+    assert (out / "model.pt").is_file()
+    recipe_keys = json.loads((BUNDLES / bundle / "configs" / "recipes" / recipe).read_text())
+    for key, value in recipe_keys.items():
+        if key.startswith("_") or key in overrides:
+            continue
+        assert wf.parser[key] == value, f"{recipe}: '{key}' did not reach the config"
+    if recipe == "pmd_only.json":
+        terms = [t.name for t in wf.parser.get_parsed_content("distiller").terms]
+        assert terms == ["pmd"]

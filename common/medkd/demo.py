@@ -166,8 +166,9 @@ def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, dat
         _run_bundle(f"evaluate_{name}", bundle, ["train.json", "evaluate.json"], overrides, logs)
 
     print("[profile] parameters, FLOPs and CPU latency per 96x112 slice", flush=True)
-    teacher_cost = profile_network(_network("supervised_segmentation"), (1, 1, 96, 112), repeats=20, memory=False)
-    student_cost = profile_network(_network("emkd_segmentation"), (1, 1, 96, 112), repeats=20, memory=False)
+    cost = {"repeats": 100, "warmup": 20, "memory": False}  # long runs: the median must outlast VM hiccups
+    teacher_cost = profile_network(_network("supervised_segmentation"), (1, 1, 96, 112), **cost)
+    student_cost = profile_network(_network("emkd_segmentation"), (1, 1, 96, 112), **cost)
     costs = {"teacher": teacher_cost, "baseline": student_cost, "emkd": student_cost}  # both students: one network
     labels = {f"class{int(k) - 1}": v for k, v in LABELS.items() if k != "0"}
     rows, results = [], {}

@@ -104,7 +104,12 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
 
 
 def profile_network(
-    net: nn.Module, input_shape: Sequence[int], device: str | torch.device = "cpu", repeats: int = 10, memory: bool = True
+    net: nn.Module,
+    input_shape: Sequence[int],
+    device: str | torch.device = "cpu",
+    repeats: int = 10,
+    memory: bool = True,
+    warmup: int = 3,
 ) -> dict:
     """Parameters, FLOPs, median latency (ms) and (with ``memory``) peak inference memory (MB) for one input.
 
@@ -116,7 +121,7 @@ def profile_network(
     result = {
         "params": count_parameters(net),
         "flops": count_flops(net, example),
-        "latency_ms": 1000.0 * latency(net, example, repeats=repeats),
+        "latency_ms": 1000.0 * latency(net, example, warmup=warmup, repeats=repeats),
     }
     if memory:
         with torch.no_grad():
