@@ -274,3 +274,18 @@ def test_every_2d_recipe_trains_an_epoch(bundle, recipe, tiny2d, teacher_2d, tmp
     if recipe == "pmd_only.json":
         terms = [t.name for t in wf.parser.get_parsed_content("distiller").terms]
         assert terms == ["pmd"]
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_multi_gpu_overrides_disable_only_the_logging_handlers(bundle):
+    """multi_gpu_train.json switches logging handlers off on ranks > 0 by list index: the indices must stay right."""
+    train = json.loads(Path(cfg(bundle, "train.json")).read_text())
+    multi = json.loads(Path(cfg(bundle, "multi_gpu_train.json")).read_text())
+    disabled = [k for k in multi if k.endswith("#_disabled_")]
+    assert disabled
+    for key in disabled:
+        section, _, index, _ = key.split("#")
+        handler = train[section]["handlers"][int(index)]
+        assert handler["_target_"] in ("StatsHandler", "TensorBoardStatsHandler"), (key, handler)
+    assert train["train"]["handlers"][-2]["_target_"] == "StatsHandler"  # zoo / MONAI Label convention: last two
+    assert train["train"]["handlers"][-1]["_target_"] == "TensorBoardStatsHandler"
