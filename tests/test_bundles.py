@@ -148,6 +148,12 @@ def test_baseline_and_kd_bundles_share_the_schedule():
         assert sup[key] == kd[key], f"'{key}' differs between the supervised and the EMKD bundle"
     assert kd["network_def"] == json.loads(Path(cfg("emkd_segmentation", "inference.json")).read_text())["network_def"]
     assert sup["network_def"] == kd["teacher_def"]
+    # the other configs are copies (each bundle is self-contained for the model zoo): they must not drift apart
+    for name in ("evaluate.json", "multi_gpu_train.json", "logging.conf"):
+        assert Path(cfg("supervised_segmentation", name)).read_text() == Path(cfg("emkd_segmentation", name)).read_text(), name
+    sup_inf = json.loads(Path(cfg("supervised_segmentation", "inference.json")).read_text())
+    kd_inf = json.loads(Path(cfg("emkd_segmentation", "inference.json")).read_text())
+    assert {k: v for k, v in sup_inf.items() if k != "network_def"} == {k: v for k, v in kd_inf.items() if k != "network_def"}
 
 
 def test_bundle_json_is_zoo_formatted():

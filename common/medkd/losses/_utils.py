@@ -33,14 +33,12 @@ def check_dense(name: str, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{name}: batch sizes differ: {[tuple(t.shape) for t in tensors]}")
 
 
-def resize_to(x: torch.Tensor, size, mode: str = "linear") -> torch.Tensor:
-    """Resize (B, C, *spatial) to ``size``; ``linear`` means bilinear in 2D and trilinear in 3D."""
+def resize_to(x: torch.Tensor, size) -> torch.Tensor:
+    """Resize (B, C, *spatial) to ``size``: bilinear in 2D, trilinear in 3D, ``align_corners=False``."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
-    if mode == "linear":
-        mode = "bilinear" if x.ndim == 4 else "trilinear"
-        return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
-    return F.interpolate(x, size=tuple(size), mode=mode)
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
 
 
 def label_one_hot(label: torch.Tensor, num_classes: int | None) -> torch.Tensor:
