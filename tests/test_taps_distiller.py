@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 from ignite.engine import Events
-from monai.networks.nets import BasicUNet, UNet
+from monai.networks.nets import BasicUNet, SegResNet, SwinUNETR, UNet
 
 from medkd.distill import Distiller, FeatureTaps, LiveTeacher, LossTerm
 from medkd.engines import AdversaryStep, KDTrainer
@@ -47,6 +47,33 @@ def test_basic_unet_aliases():
     net = BasicUNet(2, 1, 3, features=(4, 4, 8, 16, 32, 4))
     shapes = tap_shapes(net, {"low": "low", "high": "high"}, torch.randn(1, 1, 32, 32))
     assert shapes == {"low": (1, 4, 16, 16), "high": (1, 16, 4, 4)}
+
+
+MONAI_NETS = {
+    "UNet": lambda d: small_unet(d, channels=(4, 8, 16, 32, 64)),
+    "UNet-res": lambda d: UNet(d, 1, 3, channels=(4, 8, 16, 32), strides=(2, 2, 2), num_res_units=2),
+    "BasicUNet": lambda d: BasicUNet(d, 1, 3, features=(4, 4, 8, 16, 32, 4)),
+    "SegResNet": lambda d: SegResNet(d, init_filters=8, in_channels=1, out_channels=3),
+    "SwinUNETR": lambda d: SwinUNETR(in_channels=1, out_channels=3, feature_size=12, spatial_dims=d),
+}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("name", sorted(MONAI_NETS))
+def test_every_monai_alias_sits_at_its_stride(name, dims):
+    """enc<k>/dec<k> at stride 2**k, low at 2, high at 8, bottleneck the coarsest encoder feature: checked on shapes."""
+    net = MONAI_NETS[name](dims).eval()
+    aliases = tap_points_of(net)
+    assert {"low", "high", "bottleneck", "enc2", "dec2"} <= set(aliases), sorted(aliases)
+    size = 64
+    with torch.no_grad():
+        shapes = tap_shapes(net, {a: a for a in aliases}, torch.randn(1, 1, *([size] * dims)))
+    expected_stride = {"low": 2, "high": 8}
+    expected_stride.update({a: 2 ** int(a[3:]) for a in aliases if a[:3] in ("enc", "dec")})
+    for alias, stride in expected_stride.items():
+        assert shapes[alias][2:] == (size // stride,) * dims, (alias, shapes[alias])
+    coarsest = min(shapes[a][2] for a in aliases if a.startswith("enc"))
+    assert shapes["bottleneck"][2] == coarsest
 
 
 def test_raw_dotted_path_and_own_tap_points():

@@ -2,6 +2,7 @@
 
     python -m medkd prepare demo --out DIR [--subjects 12] [--seed 0] [--dims 2|3] [--spacing 2.0]
     python -m medkd demo [--out demo_results] [--epochs 30]
+    python -m medkd profile TARGET [TARGET ...] [--size 256,256] [--pairs T/S,...] [--out profile.md]
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import fire
 
-__all__ = ["main", "prepare", "demo"]
+__all__ = ["main", "prepare", "demo", "profile"]
 
 DATASETS = ("demo",)
 
@@ -37,5 +38,44 @@ def demo(out: str = "demo_results", epochs: int = 30, subjects: int = 12, seed: 
     run_demo(Path(out), epochs=epochs, subjects=subjects, seed=seed, data_dir=Path(data))
 
 
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v for v in value.split(",") if v]
+    return list(value)
+
+
+def profile(*targets: str, size=None, batch: int = 1, recipe: str | None = None, pairs=None, repeats: int = 20,
+            warmup: int = 5, memory: bool = True, out: str = "profile.md", title: str = "Network cost") -> None:
+    """Parameters, FLOPs, CPU latency and peak memory of networks; prints a markdown table and writes it to OUT.
+
+    TARGET: a network class with keyword arguments, e.g. ``"ENet(in_channels=1, out_channels=2)"`` (medkd.networks,
+    monai.networks.nets or a dotted path), optionally labelled ``"S1=SmallUNet(channels=(16, 32, 64))"``; or a
+    bundle (``emkd_segmentation`` or a bundle directory): its teacher_def and network_def at its roi_size, with
+    ``--recipe NAME`` applied. ``--size H,W`` sets the spatial input size (default 256x256 or the bundle's roi).
+    ``--pairs TEACHER/STUDENT,...`` adds teacher/student ratios (a bundle adds its own pair). OUT also gets a
+    ``.json`` twin with the raw figures.
+    """
+    import json
+
+    from medkd.io import atomic_write_bytes
+    from medkd.profiling import profile_markdown, profile_targets
+
+    if not targets:
+        raise ValueError("give at least one TARGET: a network like 'ENet(in_channels=1)' or a bundle name")
+    spatial = [int(s) for s in _as_list(size)] or None
+    rows, ratios = profile_targets(targets, size=spatial, batch=batch, recipe=recipe, pairs=_as_list(pairs),
+                                   repeats=repeats, warmup=warmup, memory=memory,
+                                   progress=lambda msg: print(f"[profile] {msg}", flush=True))
+    text = profile_markdown(rows, ratios, title=title)
+    print(text)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, text.encode())
+    atomic_write_bytes(out_path.with_suffix(".json"), json.dumps({"rows": rows, "ratios": ratios}, indent=2).encode())
+    print(f"wrote {out_path}")
+
+
 def main() -> None:
-    fire.Fire({"prepare": prepare, "demo": demo}, name="medkd")
+    fire.Fire({"prepare": prepare, "demo": demo, "profile": profile}, name="medkd")

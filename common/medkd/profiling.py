@@ -127,3 +127,177 @@ def profile_network(
         with torch.no_grad():
             result["peak_memory_mb"] = peak_memory(lambda: net(example), device) / 2**20
     return result
+
+
+# --- `python -m medkd profile TARGET ...`: networks named by class (with arguments) or by bundle -------------------
+
+
+def _network_class(name: str) -> type:
+    """A network class by name: medkd.networks, then monai.networks.nets, then a dotted import path."""
+    import importlib
+
+    import monai.networks.nets as monai_nets
+
+    import medkd.networks as medkd_nets
+
+    for namespace in (medkd_nets, monai_nets):
+        cls = getattr(namespace, name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls
+    module, _, attr = name.rpartition(".")
+    if module:
+        try:
+            cls = getattr(importlib.import_module(module), attr, None)
+        except ImportError:
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls
+    available = sorted(n for n in medkd_nets.__all__ if n[:1].isupper())
+    raise ValueError(f"unknown network {name!r}: not in medkd.networks ({', '.join(available)}), "
+                     "not in monai.networks.nets, and not an importable 'package.module.Class'")
+
+
+def parse_network_spec(spec: str) -> tuple[type, dict]:
+    """``"ENet"`` or ``"ENet(in_channels=1, out_channels=2)"`` -> (class, keyword arguments).
+
+    Arguments must be Python literals (numbers, strings, tuples, lists, dicts); nothing is evaluated.
+    """
+    import ast
+
+    try:
+        node = ast.parse(spec.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"cannot read network spec {spec!r}: {e.msg}") from None
+    call = node if isinstance(node, ast.Call) else None
+    func = call.func if call else node
+    name = ast.unparse(func)
+    if not isinstance(func, (ast.Name, ast.Attribute)):
+        raise ValueError(f"network spec {spec!r} must be a class name, optionally called with keyword arguments")
+    if call and call.args:
+        raise ValueError(f"network spec {spec!r}: pass arguments by keyword, e.g. {name}(in_channels=1)")
+    try:
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in (call.keywords if call else [])}
+    except ValueError:
+        raise ValueError(f"network spec {spec!r}: argument values must be literals") from None
+    return _network_class(name), kwargs
+
+
+def _default_in_channels(cls: type, kwargs: dict) -> int | None:
+    import inspect
+
+    if "in_channels" in kwargs:
+        return int(kwargs["in_channels"])
+    param = inspect.signature(cls).parameters.get("in_channels")
+    return None if param is None or param.default is inspect.Parameter.empty else int(param.default)
+
+
+def _bundle_dir(target: str):
+    from pathlib import Path
+
+    from medkd.demo import bundles_dir
+
+    path = Path(target)
+    if (path / "configs" / "train.json").is_file():
+        return path
+    try:
+        candidate = bundles_dir() / target
+    except FileNotFoundError:
+        return None
+    return candidate if (candidate / "configs" / "train.json").is_file() else None
+
+
+def _bundle_networks(bundle, recipe: str | None) -> tuple[list[tuple[str, nn.Module]], list[int], int]:
+    """Student (``network_def``) and, when present, teacher (``teacher_def``) of a bundle, with its ROI size."""
+    from monai.bundle import ConfigParser
+
+    configs = [bundle / "configs" / "train.json"]
+    if recipe:
+        path = bundle / "configs" / "recipes" / (recipe if recipe.endswith(".json") else f"{recipe}.json")
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} not found")
+        configs.append(path)
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in configs])
+    nets = []
+    for key, role in (("teacher_def", "teacher"), ("network_def", "student")):
+        if key in parser:
+            net = parser.get_parsed_content(key, instantiate=True)
+            nets.append((f"{bundle.name} {role} ({type(net).__name__})", net))
+    return nets, list(parser.get_parsed_content("roi_size")), int(parser.get_parsed_content("in_channels"))
+
+
+def profile_targets(
+    targets: Sequence[str],
+    size: Sequence[int] | None = None,
+    batch: int = 1,
+    recipe: str | None = None,
+    pairs: Sequence[str] = (),
+    repeats: int = 20,
+    warmup: int = 5,
+    memory: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Profile every target on CPU; returns (rows, teacher/student ratio rows).
+
+    A target is a bundle (directory or name under ``bundles/``; its ``teacher_def`` and ``network_def``, with
+    ``recipe`` applied) or a network spec (see :func:`parse_network_spec`), optionally labelled ``NAME=SPEC``.
+    ``size`` is the spatial input size (default: a bundle's ``roi_size``, else 256x256). ``pairs`` are
+    ``"TEACHER/STUDENT"`` row names whose ratios to report; a bundle adds its own pair.
+    """
+    entries: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    pair_names = [tuple(p.split("/", 1)) for p in pairs]
+    for target in targets:
+        label, _, spec = target.partition("=") if "=" in target.split("(", 1)[0] else ("", "", target)
+        bundle = _bundle_dir(spec)
+        if bundle is not None:
+            nets, roi, in_channels = _bundle_networks(bundle, recipe)
+            shape = (batch, in_channels, *(size or roi))
+            entries += [(name, net, shape) for name, net in nets]
+            if len(nets) == 2:
+                pair_names.append((nets[0][0], nets[1][0]))
+            continue
+        cls, kwargs = parse_network_spec(spec)
+        in_channels = _default_in_channels(cls, kwargs)
+        if in_channels is None:
+            raise ValueError(f"{spec}: give in_channels=... (the class has no default)")
+        entries.append((label or spec, cls(**kwargs), (batch, in_channels, *(size or (256, 256)))))
+    rows = []
+    for name, net, shape in entries:
+        if progress:
+            progress(f"profiling {name} at {'x'.join(map(str, shape))}")
+        cost = profile_network(net, shape, repeats=repeats, warmup=warmup, memory=memory)
+        rows.append({"name": name, "network": type(net).__name__, "input": list(shape), **cost})
+    by_name = {r["name"]: r for r in rows}
+    ratios = []
+    for teacher, student in pair_names:
+        missing = [n for n in (teacher, student) if n not in by_name]
+        if missing:
+            raise ValueError(f"pair {teacher}/{student}: no profiled network named {missing}; names: {sorted(by_name)}")
+        t, s = by_name[teacher], by_name[student]
+        ratios.append({"teacher": teacher, "student": student, "params": t["params"] / s["params"],
+                       "flops": t["flops"] / max(s["flops"], 1), "latency": t["latency_ms"] / s["latency_ms"]})
+    return rows, ratios
+
+
+def profile_markdown(rows: Sequence[dict], ratios: Sequence[dict], title: str = "Network cost") -> str:
+    """The rows of :func:`profile_targets` as a markdown table (plus the ratio table), with the conventions."""
+    memory = any("peak_memory_mb" in r for r in rows)
+    header = "| network | input | parameters (M) | GFLOPs | GMACs | CPU latency (ms) |" + (" peak memory (MB) |" if memory else "")
+    lines = [f"# {title}", "",
+             f"CPU latency: median of timed eval-mode forward passes after warm-up, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads. FLOPs: torch.utils.flop_counter, which counts 2 FLOPs per "
+             "multiply-accumulate (MAC) of convolutions and matrix products and nothing for element-wise operations; "
+             "GMACs = GFLOPs / 2 (the convention of ptflops/thop tables)."
+             + (" Peak memory: tensor memory allocated at once during one forward pass." if memory else ""),
+             "", header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        line = (f"| {r['name']} | {'x'.join(map(str, r['input']))} | {r['params'] / 1e6:.3f} | {r['flops'] / 1e9:.3f} | "
+                f"{r['flops'] / 2e9:.3f} | {r['latency_ms']:.2f} |")
+        if memory:
+            line += f" {r.get('peak_memory_mb', float('nan')):.1f} |"
+        lines.append(line)
+    if ratios:
+        lines += ["", "| teacher | student | parameters ratio | FLOPs ratio | CPU latency ratio (speed-up) |", "|---|---|---|---|---|"]
+        lines += [f"| {q['teacher']} | {q['student']} | {q['params']:.1f}x | {q['flops']:.1f}x | {q['latency']:.1f}x |"
+                  for q in ratios]
+    return "\n".join(lines) + "\n"
