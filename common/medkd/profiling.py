@@ -4,6 +4,11 @@ FLOPs come from PyTorch's own counter, ``torch.utils.flop_counter.FlopCounterMod
 multiply-accumulate**, for convolutions (transposed included), matrix products and attention; element-wise
 operations (activations, normalisation, additions) are not counted. Divide by two to compare with MAC tables.
 
+The papers' tables count differently: ptflops/thop count multiply-accumulates (MACs) of every layer (normalisation,
+activations and pooling included) and, in the versions they used, a transposed convolution per *output* position,
+stride² times its real cost. :func:`count_macs_paper_convention` reproduces that convention (ptflops with such a
+transposed-convolution rule) to set our networks beside the published figures; :func:`count_flops` is the true count.
+
 Peak memory is the largest amount of tensor memory allocated at once while a function runs, above what was
 allocated when it started: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the allocator events recorded by
 ``torch.profiler`` (``profile_memory=True``).
@@ -22,7 +27,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_parameters", "count_flops", "median_time", "latency", "peak_memory", "profile_network"]
+__all__ = ["count_parameters", "count_flops", "count_macs_paper_convention", "median_time", "latency", "peak_memory",
+           "profile_network"]
 
 
 def count_parameters(net: nn.Module, trainable_only: bool = False) -> int:
@@ -40,6 +46,49 @@ def count_flops(net: nn.Module, example: torch.Tensor) -> int:
     finally:
         net.train(was_training)
     return int(counter.get_total_flops())
+
+
+def _transposed_conv_per_output_position(module: nn.Module, inputs, output: torch.Tensor) -> None:
+    positions = output.numel() // output.shape[1]  # batch x output pixels
+    kernel = 1
+    for k in module.kernel_size:
+        kernel *= k
+    module.__flops__ += positions * kernel * module.in_channels * module.out_channels // module.groups
+    if module.bias is not None:
+        module.__flops__ += output.numel()
+
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+@torch.no_grad()
+def count_macs_paper_convention(net: nn.Module, example: torch.Tensor, layers: str = "all") -> int:
+    """MACs of one forward pass on ``example`` as the papers' tables count them (see the module docstring).
+
+    ptflops' module-hook backend with transposed convolutions counted per output position. ``layers="all"``
+    counts every layer ptflops has a rule for (normalisation, activations, pooling, interpolation);
+    ``layers="conv"`` only convolutions and linear layers. Graph Flow's table matches "all" for ENet and "conv"
+    for FANet and Mobile U-Net (docs/networks.md). For comparing with published GFLOPs only.
+    """
+    from ptflops import get_model_complexity_info
+
+    if layers not in ("all", "conv"):
+        raise ValueError(f"layers must be 'all' or 'conv', got {layers!r}")
+    others = [] if layers == "all" else list({type(m) for m in net.modules() if not isinstance(m, _CONVOLUTIONS)})
+    was_training = net.training
+    net.eval()
+    try:
+        macs, _ = get_model_complexity_info(
+            net, tuple(example.shape[1:]), input_constructor=lambda _: example, as_strings=False,
+            print_per_layer_stat=False, verbose=False, backend="pytorch", ignore_modules=others,
+            backend_specific_config={"count_functional": layers == "all"},
+            custom_modules_hooks={nn.ConvTranspose1d: _transposed_conv_per_output_position,
+                                  nn.ConvTranspose2d: _transposed_conv_per_output_position,
+                                  nn.ConvTranspose3d: _transposed_conv_per_output_position},
+        )
+    finally:
+        net.train(was_training)
+    return int(macs)
 
 
 def _sync(device: torch.device) -> None:
@@ -110,8 +159,10 @@ def profile_network(
     repeats: int = 10,
     memory: bool = True,
     warmup: int = 3,
+    paper_macs: bool = False,
 ) -> dict:
-    """Parameters, FLOPs, median latency (ms) and (with ``memory``) peak inference memory (MB) for one input.
+    """Parameters, FLOPs, median latency (ms) and (with ``memory``) peak inference memory (MB) for one input;
+    with ``paper_macs`` also ``paper_macs_all`` and ``paper_macs_conv`` (:func:`count_macs_paper_convention`).
 
     ``input_shape`` includes the batch and channel axes, e.g. ``(1, 1, 96, 112)``.
     """
@@ -123,6 +174,9 @@ def profile_network(
         "flops": count_flops(net, example),
         "latency_ms": 1000.0 * latency(net, example, warmup=warmup, repeats=repeats),
     }
+    if paper_macs:
+        result["paper_macs_all"] = count_macs_paper_convention(net, example, "all")
+        result["paper_macs_conv"] = count_macs_paper_convention(net, example, "conv")
     if memory:
         with torch.no_grad():
             result["peak_memory_mb"] = peak_memory(lambda: net(example), device) / 2**20
@@ -265,7 +319,7 @@ def profile_targets(
     for name, net, shape in entries:
         if progress:
             progress(f"profiling {name} at {'x'.join(map(str, shape))}")
-        cost = profile_network(net, shape, repeats=repeats, warmup=warmup, memory=memory)
+        cost = profile_network(net, shape, repeats=repeats, warmup=warmup, memory=memory, paper_macs=True)
         rows.append({"name": name, "network": type(net).__name__, "input": list(shape), **cost})
     by_name = {r["name"]: r for r in rows}
     ratios = []
@@ -282,17 +336,22 @@ def profile_targets(
 def profile_markdown(rows: Sequence[dict], ratios: Sequence[dict], title: str = "Network cost") -> str:
     """The rows of :func:`profile_targets` as a markdown table (plus the ratio table), with the conventions."""
     memory = any("peak_memory_mb" in r for r in rows)
-    header = "| network | input | parameters (M) | GFLOPs | GMACs | CPU latency (ms) |" + (" peak memory (MB) |" if memory else "")
+    header = ("| network | input | parameters (M) | GFLOPs | GMACs | paper GMACs (all layers) | paper GMACs (conv only) "
+              "| CPU latency (ms) |"
+              + (" peak memory (MB) |" if memory else ""))
     lines = [f"# {title}", "",
              f"CPU latency: median of timed eval-mode forward passes after warm-up, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads. FLOPs: torch.utils.flop_counter, which counts 2 FLOPs per "
              "multiply-accumulate (MAC) of convolutions and matrix products and nothing for element-wise operations; "
-             "GMACs = GFLOPs / 2 (the convention of ptflops/thop tables)."
+             "GMACs = GFLOPs / 2. Paper GMACs: how the papers' counters (ptflops, thop) count, to compare with published "
+             "GFLOPs: multiply-accumulates with transposed convolutions counted per output position, of every layer "
+             "(all layers) or of convolutions only."
              + (" Peak memory: tensor memory allocated at once during one forward pass." if memory else ""),
              "", header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         line = (f"| {r['name']} | {'x'.join(map(str, r['input']))} | {r['params'] / 1e6:.3f} | {r['flops'] / 1e9:.3f} | "
-                f"{r['flops'] / 2e9:.3f} | {r['latency_ms']:.2f} |")
+                f"{r['flops'] / 2e9:.3f} | {r['paper_macs_all'] / 1e9:.3f} | {r['paper_macs_conv'] / 1e9:.3f} | "
+                f"{r['latency_ms']:.2f} |")
         if memory:
             line += f" {r.get('peak_memory_mb', float('nan')):.1f} |"
         lines.append(line)
