@@ -277,6 +277,7 @@ def test_every_2d_recipe_trains_an_epoch(bundle, recipe, tiny2d, teacher_2d, tmp
         parser.read_config([cfg(bundle, "train.json"), str(BUNDLES / bundle / "configs" / "recipes" / recipe)])
         torch.save(parser.get_parsed_content("teacher_def").state_dict(), tmp_path / "teacher.pt")
         overrides["teacher_ckpt"] = str(tmp_path / "teacher.pt")
+        overrides["batch_size"] = 2  # a few iterations (the paper networks' batch norms need 2 samples)
     wf = run_workflow(bundle, ["train.json", f"recipes/{recipe}"], dataset_dir=str(tiny2d), ckpt_dir=str(out),
                       output_dir=str(out / "eval"), **overrides)
     assert (out / "model.pt").is_file()

@@ -152,6 +152,18 @@ class ResNetBackbone(ResNet):
         load_weights(self, path, ignore=("fc.",), transform=_stem_for(self.conv1.in_channels, path))
 
 
+# EMKD's taps (low: stem ReLU at H/2, high: layer2 at H/8) and enc<k> at stride 2**k, for a ResNet encoder.
+RESNET_ENCODER_TAPS = {
+    "low": "encoder.act",
+    "high": "encoder.layer2",
+    "enc2": "encoder.layer1",
+    "enc3": "encoder.layer2",
+    "enc4": "encoder.layer3",
+    "enc5": "encoder.layer4",
+    "bottleneck": "encoder.layer4",
+}
+
+
 class ResNet18Seg(nn.Module):
     """EMKD's ResNet18 student: ResNet-18 encoder, 1x1 conv on ``layer4`` (stride 32), bilinear upsampling
     (align_corners=True) to the input size. Encoder: :class:`ResNetBackbone` (MONAI ``ResNet``).
@@ -171,15 +183,7 @@ class ResNet18Seg(nn.Module):
     Shapes: ``(B, in_channels, H, W)`` -> logits ``(B, out_channels, H, W)``.
     """
 
-    tap_points = {
-        "low": "encoder.act",
-        "high": "encoder.layer2",
-        "enc2": "encoder.layer1",
-        "enc3": "encoder.layer2",
-        "enc4": "encoder.layer3",
-        "enc5": "encoder.layer4",
-        "bottleneck": "encoder.layer4",
-    }
+    tap_points = RESNET_ENCODER_TAPS
 
     def __init__(self, in_channels: int = 1, out_channels: int = 2, pretrained_weights: str | None = None):
         super().__init__()
@@ -267,15 +271,7 @@ class RAUNet(nn.Module):
     Shapes: ``(B, in_channels, H, W)`` -> logits ``(B, out_channels, H, W)``, H and W multiples of 32.
     """
 
-    tap_points = {
-        "low": "encoder.act",
-        "high": "encoder.layer2",
-        "enc2": "encoder.layer1",
-        "enc3": "encoder.layer2",
-        "enc4": "encoder.layer3",
-        "enc5": "encoder.layer4",
-        "bottleneck": "encoder.layer4",
-    }
+    tap_points = RESNET_ENCODER_TAPS
 
     def __init__(self, in_channels: int = 1, out_channels: int = 2, pretrained_weights: str | None = None):
         super().__init__()
