@@ -2,7 +2,8 @@
 
 Subpackages: ``medkd.networks`` (tap points, papers' networks), ``medkd.losses`` (KD losses),
 ``medkd.distill`` (taps, loss terms, Distiller), ``medkd.engines`` (KDTrainer, handlers), ``medkd.data``
-(datalists, demo dataset), ``medkd.profiling`` (parameters, FLOPs, latency, memory).
+(datalists, demo dataset), ``medkd.metrics`` (the papers' evaluation protocols, per-case Dice/HD95),
+``medkd.profiling`` (parameters, FLOPs, latency, memory).
 """
 
 __version__ = "0.1.0"
