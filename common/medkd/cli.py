@@ -16,18 +16,27 @@ __all__ = ["main", "prepare", "demo", "profile"]
 DATASETS = ("demo",)
 
 
-def prepare(dataset: str, out: str, **options) -> None:
+def prepare(dataset: str, out: str, src: str | None = None, **options) -> None:
     """Write DATASET as NIfTI + an MSD-style datalist under OUT; prints and returns the datalist path.
 
     Datasets: ``demo`` (the embedded MNI152 pseudo-subjects; options: subjects, seed, dims, spacing,
-    slices_per_subject, and the variation strengths of :class:`medkd.data.DemoConfig`).
+    slices_per_subject, and the variation strengths of :class:`medkd.data.DemoConfig`); ``msd`` (any Decathlon
+    task folder), ``lits`` and ``synapse`` (TransUNet layout) read the download at ``--src`` (options: split,
+    dims, slices, window, out_range, label_map, val_fraction, test_fraction, seed, labelled_fraction,
+    data_fraction; see :mod:`medkd.data.datasets` and :class:`medkd.data.convert.ConvertOptions`).
     """
+    from medkd.data.datasets import READERS, prepare_dataset
+
     if dataset == "demo":
         from medkd.data.demo import prepare_demo
 
         path = prepare_demo(out, **options)
+    elif dataset in READERS:
+        if src is None:
+            raise ValueError(f"prepare {dataset} needs --src DOWNLOAD_DIR (the public download in its released layout)")
+        path = prepare_dataset(dataset, src, out, **options)
     else:
-        raise ValueError(f"unknown dataset {dataset!r}; available: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {dataset!r}; available: {', '.join((*DATASETS, *READERS))}")
     print(f"wrote {path}")
 
 

@@ -146,7 +146,7 @@ def make_subject(rng: np.random.Generator, template, cfg: DemoConfig) -> tuple[n
     return image.astype(np.float32), label, o_affine
 
 
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     """A NIfTI-1 file as gzip bytes with a zero timestamp, so equal arrays give equal files."""
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm")
@@ -225,8 +225,8 @@ def prepare_demo(
                 items.append((f"{name}_z{z:03d}", image[:, :, z], label[:, :, z], z_affine))
         for case, img, lab, aff in items:
             rel_img, rel_lab = f"imagesTr/{case}.nii.gz", f"labelsTr/{case}.nii.gz"
-            atomic_write_bytes(out / rel_img, _nifti_bytes(img, aff))
-            atomic_write_bytes(out / rel_lab, _nifti_bytes(lab, aff))
+            atomic_write_bytes(out / rel_img, nifti_bytes(img, aff))
+            atomic_write_bytes(out / rel_lab, nifti_bytes(lab, aff))
             lists[split_of[sid]].append({"image": rel_img, "label": rel_lab, "subject": name})
 
     datalist = {

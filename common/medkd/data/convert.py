@@ -1,0 +1,259 @@
+"""Shared conversion framework for public downloads: cases in, NIfTI + an MSD-style datalist out.
+
+A dataset reader (see :mod:`medkd.data.datasets`) lists :class:`Case` objects; :func:`convert` checks and
+transforms every case (HU window, label mapping, 2D slice extraction), splits them by patient and writes
+``imagesTr/``, ``labelsTr/`` and ``datalist.json``. Everything is written to a temporary folder beside the
+output folder and moved into place only when every case succeeded, so a failure leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from medkd.data.demo import nifti_bytes
+
+__all__ = ["Case", "ConvertOptions", "LABEL_PRESETS", "apply_window", "map_labels", "split_cases", "convert"]
+
+SPLITS = ("training", "validation", "test")
+# Label presets. "organ": every foreground value -> 1 (EMKD organ task, label > 0); "tumour": value v -> max(v - 1, 0)
+# (EMKD tumour task on LiTS/KiTS: 2 -> 1, 1 -> 0).
+LABEL_PRESETS: dict[str, Callable[[int], int]] = {"organ": lambda v: int(v > 0), "tumour": lambda v: max(int(v) - 1, 0)}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One patient of a download.
+
+    Args:
+        case_id: patient id (written to every datalist entry as ``"case"``; splits never share a patient).
+        image_path: the file named in errors about the image.
+        label_path: the file named in errors about the label.
+        load: returns ``(image, label, affine)``: two arrays of the same shape (2D extraction slices the last
+            axis) and a 4x4 voxel-to-mm affine.
+    """
+
+    case_id: str
+    image_path: Path
+    label_path: Path
+    load: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Options of :func:`convert`.
+
+    Args:
+        dims: 2 writes axial slices (last axis) of every volume, 3 writes whole volumes.
+        slices: 2D only; ``"target"`` keeps only slices whose mapped label has foreground, ``"all"`` keeps all.
+        window: ``(low, high)`` intensity window (e.g. HU); values are clipped to it and mapped linearly to
+            ``out_range``. ``None`` keeps intensities unchanged.
+        out_range: range the window is mapped to.
+        label_map: a preset name from :data:`LABEL_PRESETS` or a ``{raw: new}`` dict (unlisted values kept);
+            ``None`` keeps raw labels.
+        val_fraction / test_fraction: share of patients in validation / test when no standard split applies
+            (with a standard split, validation is drawn from its non-test patients).
+        seed: seed of the patient split and of the fraction subsets.
+        labelled_fraction: share of training patients that keep labels; the others go to ``"unlabeled"``
+            (image only).
+        data_fraction: share of training patients kept at all (e.g. 0.5 for a student trained on 50% of data).
+    """
+
+    dims: int = 2
+    slices: str = "target"
+    window: tuple[float, float] | None = None
+    out_range: tuple[float, float] = (-1.0, 1.0)
+    label_map: str | dict | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    labelled_fraction: float = 1.0
+    data_fraction: float = 1.0
+
+    def __post_init__(self):
+        if self.dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {self.dims!r}")
+        if self.slices not in ("target", "all"):
+            raise ValueError(f"slices must be 'target' or 'all', got {self.slices!r}")
+        if isinstance(self.label_map, str) and self.label_map not in LABEL_PRESETS:
+            raise ValueError(f"unknown label_map {self.label_map!r}; presets: {sorted(LABEL_PRESETS)} or a dict")
+        if self.window is not None and not float(self.window[0]) < float(self.window[1]):
+            raise ValueError(f"window must be (low, high) with low < high, got {self.window!r}")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        for name in ("labelled_fraction", "data_fraction"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+
+
+def apply_window(image: np.ndarray, window: Sequence[float], out_range: Sequence[float] = (-1.0, 1.0)) -> np.ndarray:
+    """Clip ``image`` to ``window`` and map it linearly to ``out_range`` (float32)."""
+    lo, hi = float(window[0]), float(window[1])
+    a, b = float(out_range[0]), float(out_range[1])
+    scaled = (np.clip(image.astype(np.float64), lo, hi) - lo) / (hi - lo)
+    return (a + scaled * (b - a)).astype(np.float32)
+
+
+def map_labels(label: np.ndarray, label_map: str | dict | None) -> np.ndarray:
+    """Apply a preset name or ``{raw: new}`` dict to every value of ``label`` (uint8 result)."""
+    label = np.asarray(label)
+    if label_map is None:
+        return label.astype(np.uint8)
+    rule = LABEL_PRESETS[label_map] if isinstance(label_map, str) else lambda v: label_map.get(int(v), int(v))
+    out = label.astype(np.uint8, copy=True)
+    for value in np.unique(label):
+        out[label == value] = rule(value)
+    return out
+
+
+def _fraction_subset(ids: list[str], fraction: float, rng: np.random.Generator) -> set[str]:
+    if fraction >= 1.0:
+        return set(ids)
+    keep = max(1, round(fraction * len(ids)))
+    return {ids[i] for i in rng.permutation(len(ids))[:keep]}
+
+
+def split_cases(case_ids: Sequence[str], options: ConvertOptions, standard: dict[str, str] | None = None) -> dict[str, str]:
+    """Split of every patient: ``"training"``, ``"validation"``, ``"test"``, ``"unlabeled"`` or ``"unused"``.
+
+    ``standard`` maps patient ids to ``"training"`` or ``"test"`` (a published split); patients it does not name
+    are an error. Otherwise test and validation are drawn with ``options.seed``. Validation is then drawn from the
+    non-test patients, and ``data_fraction`` / ``labelled_fraction`` subsets from the remaining training patients.
+    """
+    ids = sorted(case_ids)
+    rng = np.random.default_rng(options.seed)
+    if standard is not None:
+        unknown = [c for c in ids if c not in standard]
+        if unknown:
+            raise ValueError(f"cases {unknown} are not in the standard split; use --split random to split by seed")
+        test = {c for c in ids if standard[c] == "test"}
+    else:
+        test = {ids[i] for i in rng.permutation(len(ids))[: round(options.test_fraction * len(ids))]}
+    rest = [c for c in ids if c not in test]
+    val = {rest[i] for i in rng.permutation(len(rest))[: round(options.val_fraction * len(rest))]}
+    train = [c for c in rest if c not in val]
+    kept = _fraction_subset(train, options.data_fraction, rng)
+    labelled = _fraction_subset(sorted(kept), options.labelled_fraction, rng)
+    split = {c: "test" for c in test} | {c: "validation" for c in val}
+    for c in train:
+        split[c] = "training" if c in labelled else "unlabeled" if c in kept else "unused"
+    return split
+
+
+def _load_case(case: Case, allowed: set[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Load and check one case; errors name the offending file."""
+    for path in (case.image_path, case.label_path):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"case {case.case_id}: file not found: {path}")
+    try:
+        image, label, affine = case.load()
+    except Exception as e:
+        raise ValueError(f"case {case.case_id}: cannot read {case.image_path} / {case.label_path}: {e}") from e
+    image, label = np.asarray(image), np.asarray(label)
+    if image.shape != label.shape:
+        raise ValueError(f"case {case.case_id}: image {case.image_path} has shape {image.shape} but label "
+                         f"{case.label_path} has shape {label.shape}")
+    values = np.unique(label)
+    bad = [v for v in values.tolist() if v != round(v) or (allowed is not None and int(v) not in allowed)]
+    if bad:
+        raise ValueError(f"case {case.case_id}: label {case.label_path} has unexpected values {bad[:10]}; "
+                         f"expected {sorted(allowed) if allowed is not None else 'integers'}")
+    return image, label, np.asarray(affine, dtype=np.float64)
+
+
+def _case_items(case_id: str, image, label, affine, options: ConvertOptions):
+    """``(name, image, label, affine)`` for each output file of a case."""
+    if options.dims == 3:
+        return [(case_id, image, label, affine)]
+    if image.ndim != 3:
+        raise ValueError(f"case {case_id}: 2D extraction needs a 3D volume, got shape {image.shape}")
+    items = []
+    for z in range(image.shape[-1]):
+        if options.slices == "target" and not label[..., z].any():
+            continue
+        z_affine = affine.copy()
+        z_affine[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, z]) + affine[:3, 3]
+        items.append((f"{case_id}_z{z:03d}", image[..., z], label[..., z], z_affine))
+    return items
+
+
+def _write_tree(tmp: Path, cases: Sequence[Case], split: dict[str, str], options: ConvertOptions,
+                allowed: set[int] | None) -> dict[str, list[dict]]:
+    lists: dict[str, list[dict]] = {name: [] for name in (*SPLITS, "unlabeled")}
+    (tmp / "imagesTr").mkdir(parents=True)
+    (tmp / "labelsTr").mkdir()
+    for case in cases:
+        if split[case.case_id] == "unused":
+            continue
+        image, label, affine = _load_case(case, allowed)
+        if options.window is not None:
+            image = apply_window(image, options.window, options.out_range)
+        label = map_labels(label, options.label_map)
+        for name, img, lab, aff in _case_items(case.case_id, image.astype(np.float32), label, affine, options):
+            entry = {"image": f"imagesTr/{name}.nii.gz", "label": f"labelsTr/{name}.nii.gz", "case": case.case_id}
+            (tmp / entry["image"]).write_bytes(nifti_bytes(img, aff))
+            if split[case.case_id] == "unlabeled":
+                del entry["label"]
+            else:
+                (tmp / entry["label"]).write_bytes(nifti_bytes(lab, aff))
+            lists[split[case.case_id]].append(entry)
+    return lists
+
+
+def convert(
+    cases: Sequence[Case],
+    out: str | os.PathLike,
+    options: ConvertOptions,
+    allowed_labels: set[int] | None = None,
+    standard_split: dict[str, str] | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Write ``cases`` as NIfTI + ``datalist.json`` to the new folder ``out``; returns the datalist path.
+
+    Args:
+        cases: the patients of a download (at least one).
+        out: output folder; must not exist yet (it appears only when every case succeeded).
+        options: see :class:`ConvertOptions`.
+        allowed_labels: raw label values a label file may hold; others raise an error naming the file.
+        standard_split: published ``{case_id: "training" | "test"}`` split, or ``None`` for a seeded split.
+        metadata: extra top-level datalist fields (name, labels, reference, ...).
+
+    Raises:
+        FileExistsError: when ``out`` exists. FileNotFoundError / ValueError: naming the file of a bad case.
+    """
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"output folder {out} already exists; remove it or choose another --out")
+    if not cases:
+        raise ValueError("no cases found to convert")
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate case ids: {sorted({c for c in ids if ids.count(c) > 1})}")
+    split = split_cases(ids, options, standard_split)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        lists = _write_tree(tmp, cases, split, options, allowed_labels)
+        if not lists["unlabeled"]:
+            del lists["unlabeled"]
+        datalist = {
+            **(metadata or {}),
+            "tensorImageSize": f"{options.dims}D",
+            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
+            **{f"num{k[0].upper()}{k[1:]}": len(v) for k, v in lists.items()},
+            **lists,
+        }
+        (tmp / "datalist.json").write_text(json.dumps(datalist, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "datalist.json"
