@@ -90,9 +90,11 @@ def _check_patient_split(loaded):
     return cases
 
 
-def test_msd_2d_target_slices(tmp_path):
+def test_msd_2d_target_slices(tmp_path, capsys):
     src = _msd(tmp_path / "Task09_Spleen", n=5)
     prepare("msd", out=str(tmp_path / "out"), src=str(src), window=[-200, 300], test_fraction=0.2, val_fraction=0.25)
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[prepare] case")]
+    assert [line.split(":")[0] for line in progress] == [f"[prepare] case {i}/5" for i in range(1, 6)]
     loaded = _load_all(tmp_path / "out" / "datalist.json")
     cases = _check_patient_split(loaded)
     assert sum(len(c) for c in cases.values()) == 5 and all(cases.values())

@@ -190,9 +190,10 @@ def _write_tree(tmp: Path, cases: Sequence[Case], split: dict[str, str], options
     lists: dict[str, list[dict]] = {name: [] for name in (*SPLITS, "unlabeled")}
     (tmp / "imagesTr").mkdir(parents=True)
     (tmp / "labelsTr").mkdir()
-    for case in cases:
+    for number, case in enumerate(cases, 1):
         if split[case.case_id] == "unused":
             continue
+        print(f"[prepare] case {number}/{len(cases)}: {case.case_id} ({split[case.case_id]})", flush=True)
         image, label, affine = _load_case(case, allowed)
         if options.window is not None:
             image = apply_window(image, options.window, options.out_range)

@@ -122,13 +122,12 @@ def read_synapse(src: Path) -> Download:
     by_case: dict[str, list[Path]] = {}
     for path in sorted(train_dir.glob("case*_slice*.npz")):
         by_case.setdefault(path.name.split("_slice")[0], []).append(path)
-    cases = [Case(c, p[0], p[0], partial(_synapse_train, sorted(p, key=lambda q: int(q.stem.split("slice")[1]))))
+    train = [Case(c, p[0], p[0], partial(_synapse_train, sorted(p, key=lambda q: int(q.stem.split("slice")[1]))))
              for c, p in by_case.items()]
-    tests = sorted(test_dir.glob("case*.npy.h5"))
-    cases += [Case(p.name.split(".")[0], p, p, partial(_synapse_test, p)) for p in tests]
-    split = {c.case_id: "training" for c in cases[: len(by_case)]} | {c.case_id: "test" for c in cases[len(by_case):]}
+    test = [Case(p.name.split(".")[0], p, p, partial(_synapse_test, p)) for p in sorted(test_dir.glob("case*.npy.h5"))]
+    split = {c.case_id: "training" for c in train} | {c.case_id: "test" for c in test}
     metadata = {"name": "Synapse multi-organ CT (TransUNet preprocessing)", "labels": SYNAPSE_LABELS}
-    return Download(cases, set(range(9)), metadata, standard_split=split)
+    return Download(train + test, set(range(9)), metadata, standard_split=split)
 
 
 READERS: dict[str, Callable[[Path], Download]] = {"msd": read_msd, "lits": read_lits, "synapse": read_synapse}
