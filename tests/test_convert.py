@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import nibabel as nib
@@ -212,3 +213,73 @@ def test_options_and_helpers(tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="exists"):
         prepare("msd", out=str(tmp_path / "exists"), src=str(_msd(tmp_path / "T")))
+
+
+def _photo_cases(n=3):
+    """Natively 2D RGB photographs with binary masks, through :class:`Case` directly."""
+    from medkd.data.convert import Case
+
+    rng = np.random.default_rng(5)
+    cases = []
+    for i in range(n):
+        image = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        label = np.zeros((6, 8), np.uint8)
+        label[1:3, 2:5] = 1 if i else 0  # the first photo has no foreground
+        # the paths only name the files in errors; they must exist, the loader does not read them
+        cases.append(Case(f"img{i}", Path(__file__), Path(__file__),
+                          lambda image=image, label=label: (image, label, np.eye(4)), {"class": f"c{i}"}))
+    return cases
+
+
+def test_photos_written_as_png_with_resize(tmp_path):
+    from medkd.data.convert import convert
+
+    cases = _photo_cases()
+    opts = ConvertOptions(dims=2, slices="all", resize=(12, 16), test_fraction=0.34, val_fraction=0.0)
+    path = convert(cases, tmp_path / "out", opts, allowed_labels={0, 1})
+    meta = json.loads(path.read_text())
+    entries = meta["training"] + meta["test"]
+    assert len(entries) == 3 and all(e["image"].endswith(".png") and e["class"] == "c" + e["case"][-1] for e in entries)
+    loaded = _load_all(path)
+    for case, data in sum(loaded.values(), []):
+        # PIL reads (width, height, channels); image and label keep the same orientation
+        assert data["image"].shape == (3, 16, 12) and data["label"].shape == (1, 16, 12)
+        expected = np.zeros((12, 16), np.uint8)
+        expected[2:6, 4:10] = case != "img0"
+        np.testing.assert_array_equal(data["label"][0].numpy().T, expected)
+    target = convert(cases, tmp_path / "target", ConvertOptions(dims=2, slices="target", test_fraction=0.0,
+                                                                val_fraction=0.0))
+    assert [e["case"] for e in json.loads(target.read_text())["training"]] == ["img1", "img2"]
+    with pytest.raises(ValueError, match="use dims=2"):
+        convert(cases, tmp_path / "d3", ConvertOptions(dims=3))
+    with pytest.raises(ValueError, match="window applies to volumes"):
+        convert(cases, tmp_path / "w", ConvertOptions(window=(0, 100)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "target"]
+
+
+def test_resize_inplane_hand_values():
+    from medkd.data.convert import resize_inplane
+
+    label = np.array([[0, 1], [2, 3]], np.uint8)
+    np.testing.assert_array_equal(resize_inplane(label, (4, 4), nearest=True), np.kron(label, np.ones((2, 2), np.uint8)))
+    flat = np.full((3, 5, 2), 7.5, np.float32)
+    out = resize_inplane(flat, (6, 4), nearest=False)
+    assert out.shape == (6, 4, 2) and out.dtype == np.float32 and np.allclose(out, 7.5)
+    ramp = np.array([[0.0, 10.0]], np.float32)  # bilinear, half-pixel centres: 0, 2.5, 7.5, 10
+    np.testing.assert_allclose(resize_inplane(ramp, (1, 4), nearest=False)[0], [0.0, 2.5, 7.5, 10.0])
+    assert resize_inplane(np.array([[0, 255]], np.uint8), (1, 3), nearest=False).dtype == np.uint8
+
+
+def test_multichannel_volume(tmp_path):
+    from medkd.data.convert import Case, convert
+
+    rng = np.random.default_rng(6)
+    image = rng.normal(size=(*SHAPE, 2)).astype(np.float32)
+    label = np.zeros(SHAPE, np.uint8)
+    label[2:4, 2:4, 1:3] = 1
+    cases = [Case(f"p{i}", Path(__file__), Path(__file__), lambda: (image, label, np.eye(4))) for i in range(2)]
+    path = convert(cases, tmp_path / "out", ConvertOptions(dims=3, test_fraction=0.5, val_fraction=0.0))
+    data = _load_all(path)["test"][0][1]
+    assert data["image"].shape == (2, *SHAPE) and data["label"].shape == (1, *SHAPE)
+    with pytest.raises(ValueError, match="use dims=3"):
+        convert(cases, tmp_path / "d2", ConvertOptions(dims=2))

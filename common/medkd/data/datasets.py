@@ -153,7 +153,7 @@ def prepare_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
     if not src.is_dir():
         raise FileNotFoundError(f"download folder not found: {src}")
     download = READERS[dataset](src)
-    for key in ("window", "out_range"):
+    for key in ("window", "out_range", "resize"):
         if isinstance(options.get(key), list):
             options[key] = tuple(options[key])
     opts = ConvertOptions(**{**download.defaults, **options})
