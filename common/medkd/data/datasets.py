@@ -14,15 +14,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 
 from medkd.data.convert import Case, ConvertOptions, convert
+from medkd.data.ct_datasets import CT_READERS
+from medkd.data.download import Download, nifti_pair, read_or_fail, strip_nifti
+from medkd.data.image_datasets import IMAGE_READERS
 
 __all__ = ["Download", "READERS", "read_msd", "read_lits", "read_synapse", "prepare_dataset"]
 
@@ -30,46 +31,17 @@ SYNAPSE_LABELS = {"0": "background", "1": "aorta", "2": "gallbladder", "3": "lef
                   "5": "liver", "6": "pancreas", "7": "spleen", "8": "stomach"}
 
 
-@dataclass
-class Download:
-    """What a reader finds in a download: cases, allowed raw labels, a standard split, metadata, option defaults."""
-
-    cases: list[Case]
-    allowed_labels: set[int]
-    metadata: dict
-    standard_split: dict[str, str] | None = None
-    defaults: dict = field(default_factory=dict)
-
-
-def _read(path: Path, reader: Callable):
-    try:
-        return reader(path)
-    except Exception as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-
-
-def _nifti_pair(image_path: Path, label_path: Path):
-    image = _read(image_path, nib.load)
-    label = _read(label_path, nib.load)
-    return (_read(image_path, lambda _: image.get_fdata(dtype=np.float32)),
-            _read(label_path, lambda _: np.asarray(label.dataobj)), image.affine)
-
-
-def _strip_nifti(name: str) -> str:
-    return re.sub(r"\.nii(\.gz)?$", "", name)
-
-
 def read_msd(src: Path) -> Download:
     """A Decathlon task folder: the labelled ``training`` entries of ``dataset.json``."""
     meta_path = src / "dataset.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"MSD task folder {src} has no dataset.json")
-    meta = _read(meta_path, lambda p: json.loads(p.read_text()))
+    meta = read_or_fail(meta_path, lambda p: json.loads(p.read_text()))
     cases = []
     for entry in meta.get("training", []):
         image, label = src / entry["image"], src / entry["label"]
-        load = partial(_nifti_pair, image, label)
-        cases.append(Case(_strip_nifti(image.name), image, label, load))
+        load = partial(nifti_pair, image, label)
+        cases.append(Case(strip_nifti(image.name), image, label, load))
     labels = meta.get("labels", {})
     metadata = {k: meta[k] for k in ("name", "description", "reference", "licence", "modality") if k in meta}
     return Download(cases, {int(k) for k in labels}, {**metadata, "labels": labels})
@@ -81,7 +53,7 @@ def read_lits(src: Path) -> Download:
     for image in sorted(src.rglob("volume-*.nii*"), key=lambda p: int(re.findall(r"\d+", p.name)[0])):
         number = re.findall(r"\d+", image.name)[0]
         label = image.with_name(image.name.replace("volume-", "segmentation-"))
-        cases.append(Case(f"volume-{number}", image, label, partial(_nifti_pair, image, label)))
+        cases.append(Case(f"volume-{number}", image, label, partial(nifti_pair, image, label)))
     metadata = {"name": "LiTS", "labels": {"0": "background", "1": "liver", "2": "tumour"},
                 "reference": "Bilic et al., The Liver Tumor Segmentation Benchmark (LiTS), MedIA 2023"}
     return Download(cases, {0, 1, 2}, metadata, defaults={"window": (-60.0, 140.0)})
@@ -94,7 +66,7 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _synapse_train(slices: list[Path]):
     """Stack a training case's npz slices (sorted by slice number) into ``(H, W, D)`` volumes."""
-    pairs = [_read(p, _load_npz) for p in slices]
+    pairs = [read_or_fail(p, _load_npz) for p in slices]
     for p, (img, lab) in zip(slices, pairs):
         if img.shape != lab.shape:
             raise ValueError(f"image in {p} has shape {img.shape} but its label has shape {lab.shape}")
@@ -109,7 +81,7 @@ def _synapse_test(path: Path):
         with h5py.File(p, "r") as f:
             return np.asarray(f["image"]), np.asarray(f["label"])
 
-    image, label = _read(path, load)
+    image, label = read_or_fail(path, load)
     return np.moveaxis(image, 0, -1), np.moveaxis(label, 0, -1), np.eye(4)
 
 
@@ -130,7 +102,8 @@ def read_synapse(src: Path) -> Download:
     return Download(train + test, set(range(9)), metadata, standard_split=split)
 
 
-READERS: dict[str, Callable[[Path], Download]] = {"msd": read_msd, "lits": read_lits, "synapse": read_synapse}
+READERS: dict[str, Callable[[Path], Download]] = {"msd": read_msd, "lits": read_lits, "synapse": read_synapse,
+                                                  **CT_READERS, **IMAGE_READERS}
 
 
 def prepare_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike, split: str = "standard",
