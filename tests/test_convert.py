@@ -283,3 +283,9 @@ def test_multichannel_volume(tmp_path):
     assert data["image"].shape == (2, *SHAPE) and data["label"].shape == (1, *SHAPE)
     with pytest.raises(ValueError, match="use dims=3"):
         convert(cases, tmp_path / "d2", ConvertOptions(dims=2))
+
+
+def test_unknown_option_names_the_accepted_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['annotator'\] for msd"):
+        prepare("msd", out=str(tmp_path / "o"), src=str(_msd(tmp_path / "T")), annotator="2nd")
+    assert not (tmp_path / "o").exists()

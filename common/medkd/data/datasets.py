@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -111,12 +113,13 @@ def prepare_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
     """Convert the download of ``dataset`` at ``src`` into ``out``; returns the datalist path.
 
     Args:
-        dataset: a key of :data:`READERS` (``msd``, ``lits``, ``synapse``).
+        dataset: a key of :data:`READERS`.
         src: the download folder in its released layout.
         out: new output folder.
         split: ``"standard"`` uses the dataset's published split where it has one (else a seeded split);
             ``"random"`` always splits patients by ``seed``.
-        options: fields of :class:`medkd.data.convert.ConvertOptions`, overriding the dataset's defaults.
+        options: fields of :class:`medkd.data.convert.ConvertOptions`, overriding the dataset's defaults; any
+            other keyword goes to the dataset's reader (e.g. ``annotator`` of ``chasedb1``).
     """
     if dataset not in READERS:
         raise ValueError(f"unknown dataset {dataset!r}; available: {', '.join(READERS)}")
@@ -125,7 +128,16 @@ def prepare_dataset(dataset: str, src: str | os.PathLike, out: str | os.PathLike
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"download folder not found: {src}")
-    download = READERS[dataset](src)
+    convert_keys = {f.name for f in fields(ConvertOptions)}
+    reader_options = {k: v for k, v in options.items() if k not in convert_keys}
+    reader = READERS[dataset]
+    accepted = set(inspect.signature(reader).parameters) - {"src"}
+    unknown = sorted(set(reader_options) - accepted)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {dataset}; conversion options: {sorted(convert_keys)}; "
+                         f"{dataset} options: {sorted(accepted) or 'none'}")
+    download = reader(src, **reader_options)
+    options = {k: v for k, v in options.items() if k in convert_keys}
     for key in ("window", "out_range", "resize"):
         if isinstance(options.get(key), list):
             options[key] = tuple(options[key])
