@@ -1,11 +1,21 @@
 """KD loss modules. Each is a plain ``torch.nn.Module`` called as ``loss(student, teacher[, label])``; it works on
 2D and 3D tensors, averages dense quantities per pixel/voxel, detaches the teacher, and reduces over the batch."""
 
+from medkd.losses.adversarial import AdversarialGeneratorLoss, LogitsDiscriminator, SelfAttention, gradient_penalty
 from medkd.losses.attention import ImportanceMapsDistillation, attention_map
+from medkd.losses.graph import CrossLayerSimilarity, GraphFlowEdges, GraphFlowVertices, flow_matrix
 from medkd.losses.logits import PredictionMapDistillation
 from medkd.losses.region import RegionAffinityDistillation, region_affinities, region_centroids
 
 __all__ = [
+    "AdversarialGeneratorLoss",
+    "CrossLayerSimilarity",
+    "GraphFlowEdges",
+    "GraphFlowVertices",
+    "LogitsDiscriminator",
+    "SelfAttention",
+    "flow_matrix",
+    "gradient_penalty",
     "ImportanceMapsDistillation",
     "PredictionMapDistillation",
     "RegionAffinityDistillation",
