@@ -2,7 +2,7 @@
 
 from medkd.distill.distiller import Distiller
 from medkd.distill.taps import FeatureTaps
-from medkd.distill.teacher import LiveTeacher, TeacherSource, first_tensor, load_teacher_weights
+from medkd.distill.teacher import LiveTeacher, ParaphrasedTeacher, TeacherSource, first_tensor, load_teacher_weights
 from medkd.distill.terms import LossTerm, parse_key
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "FeatureTaps",
     "LiveTeacher",
     "LossTerm",
+    "ParaphrasedTeacher",
     "TeacherSource",
     "first_tensor",
     "load_teacher_weights",

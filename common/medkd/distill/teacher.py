@@ -16,7 +16,7 @@ import torch.nn as nn
 from medkd.distill.taps import FeatureTaps
 from medkd.io import load_state_dict_file
 
-__all__ = ["TeacherSource", "LiveTeacher", "first_tensor", "load_teacher_weights"]
+__all__ = ["TeacherSource", "LiveTeacher", "ParaphrasedTeacher", "first_tensor", "load_teacher_weights"]
 
 
 def first_tensor(output) -> torch.Tensor:
@@ -95,4 +95,53 @@ class LiveTeacher(TeacherSource):
         self.taps.check_captured(feats)
         out = {"t.logits": logits}
         out.update({f"t.{k}": v for k, v in feats.items()})
+        return out
+
+
+class ParaphrasedTeacher(LiveTeacher):
+    """A :class:`LiveTeacher` whose taps are replaced by the factors of frozen, pretrained paraphrasers (Graph Flow).
+
+    ``t.<tap>`` holds ``paraphrasers[tap].encode(teacher tap)`` for every tap with a paraphraser (other taps and
+    ``t.logits`` are unchanged). Each paraphraser is loaded strictly from ``<paraphraser_dir>/paraphraser_<tap>.pt``
+    (the output of the bundle's ``pretrain_paraphraser.json``); a missing file is an error, never random weights.
+    Paraphrasers are frozen and stay in eval mode like the teacher.
+
+    Args:
+        network, checkpoint, taps: as :class:`LiveTeacher`.
+        paraphrasers: tap name -> :class:`medkd.networks.Paraphraser` (architecture only).
+        paraphraser_dir: folder of the pretrained ``paraphraser_<tap>.pt`` files.
+    """
+
+    def __init__(self, network: nn.Module, checkpoint: str | os.PathLike | None, taps: dict[str, str],
+                 paraphrasers: dict[str, nn.Module], paraphraser_dir: str | os.PathLike):
+        super().__init__(network, checkpoint, taps)
+        unknown = sorted(set(paraphrasers) - set(self.tap_names))
+        if unknown:
+            raise ValueError(f"paraphrasers for {unknown} have no teacher tap; teacher taps: {list(self.tap_names)}")
+        for name, module in paraphrasers.items():
+            path = os.path.join(str(paraphraser_dir), f"paraphraser_{name}.pt")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"paraphraser checkpoint not found: {path}. Run the pretrain_paraphraser.json stage first "
+                    "(it writes one paraphraser_<tap>.pt per teacher tap); distillation never uses random paraphrasers."
+                )
+            device = next(self.network.parameters(), torch.zeros(())).device
+            try:
+                module.load_state_dict(load_state_dict_file(path, map_location=device), strict=True)
+            except RuntimeError as e:
+                raise RuntimeError(f"paraphraser checkpoint {path} does not match its definition: {e}") from None
+            module.to(device).requires_grad_(False).eval()
+        self.paraphrasers = nn.ModuleDict(paraphrasers)
+
+    def train(self, mode: bool = True) -> "ParaphrasedTeacher":
+        super().train(mode)
+        self.paraphrasers.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(image)
+        self.paraphrasers.eval()
+        for name, module in self.paraphrasers.items():
+            out[f"t.{name}"] = module.encode(out[f"t.{name}"])
         return out

@@ -101,6 +101,11 @@ class KDTrainer(SupervisedTrainer):
         del features
         engine.state.output.update({k: v.detach() for k, v in out.items() if k.startswith(("loss", "raw_"))})
         engine.state.output[Keys.PRED] = out["pred"].detach()
+        if labelled is not None:  # training metrics see labelled samples only (the others carry placeholder labels)
+            mask = torch.as_tensor(labelled, dtype=torch.bool, device=out["pred"].device).view(-1)
+            if bool(mask.any()):
+                for key in (Keys.IMAGE, Keys.LABEL, Keys.PRED):
+                    engine.state.output[key] = engine.state.output[key][mask]
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

@@ -4,7 +4,8 @@ Students: :class:`ENet`, :class:`ERFNet`, :class:`ESPNet`, :class:`MobileNetV2UN
 "Mobile U-Net"), :class:`MobileNetV2Seg` (EMKD's output-stride-8 MobileNetV2), :class:`ResNet18Seg`,
 :class:`SmallUNet` (MTMS-CKD's S1 / S2). Teachers: :class:`FANet`, :class:`RAUNet`, :class:`PSPNet`,
 :class:`MultiTaskUNet` (MTMS-CKD's T1). Every one returns logits and names its KD taps in ``tap_points``;
-MONAI's UNet, BasicUNet, SegResNet and SwinUNETR get theirs from :data:`ALIAS_TABLES`.
+MONAI's UNet, BasicUNet, SegResNet and SwinUNETR get theirs from :data:`ALIAS_TABLES`. Adapter:
+:class:`Paraphraser` (Graph Flow's teacher-side autoencoder).
 """
 
 from medkd.networks.enet import ENet
@@ -12,6 +13,7 @@ from medkd.networks.erfnet import ERFNet
 from medkd.networks.espnet import ESPNet
 from medkd.networks.fanet import FANet
 from medkd.networks.mobilenetv2 import MobileNetV2Seg, MobileNetV2UNet
+from medkd.networks.paraphraser import Paraphraser
 from medkd.networks.resnet import PSPNet, RAUNet, ResNet18Seg
 from medkd.networks.taps import ALIAS_TABLES, register_tap_aliases, resolve_tap, tap_points_of
 from medkd.networks.unet import MultiTaskUNet, SmallUNet
@@ -19,6 +21,6 @@ from medkd.networks.weights import load_weights
 
 __all__ = [
     "ENet", "ERFNet", "ESPNet", "FANet", "MobileNetV2Seg", "MobileNetV2UNet", "MultiTaskUNet", "PSPNet", "RAUNet",
-    "ResNet18Seg", "SmallUNet",
+    "Paraphraser", "ResNet18Seg", "SmallUNet",
     "ALIAS_TABLES", "register_tap_aliases", "resolve_tap", "tap_points_of", "load_weights",
 ]

@@ -1,0 +1,94 @@
+"""Semi-supervised training data: a labelled subset, label-free samples, and batches that mix them half and half.
+
+Graph Flow's "dual efficient" mode takes, at every iteration, a labelled half-batch and an unlabelled half-batch
+(the smaller set is cycled). :class:`SemiSupervisedDataset` yields one labelled and one unlabelled sample per index;
+MONAI's default collate (``list_data_collate``) flattens the pairs, so a loader with ``batch_size = B / 2`` gives
+batches of ``B`` samples whose ``labelled`` flags the :class:`~medkd.engines.KDTrainer` passes to the Distiller (task
+loss and label-reading terms on labelled samples only).
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from torch.utils.data import Dataset
+
+__all__ = ["split_labelled", "MarkLabelledd", "SemiSupervisedDataset"]
+
+
+def split_labelled(items: Sequence[dict], fraction: float, seed: int = 0, group_key: str = "case",
+                   extra_unlabelled: Sequence[dict] = ()) -> dict[str, list[dict]]:
+    """Keep the labels of ``fraction`` of the training groups (patients); the others lose their label.
+
+    Args:
+        items: datalist entries (``image``, ``label``, optionally ``group_key``).
+        fraction: share of groups that stay labelled, in (0, 1]; at least one group stays labelled.
+        seed: seed of the draw (the same seed gives the same subset).
+        group_key: entries sharing this value (e.g. the slices of one patient) stay together; entries without it
+            are their own group.
+        extra_unlabelled: entries without labels to add (e.g. a datalist's ``"unlabeled"`` list).
+
+    Returns:
+        ``{"labelled": [...], "unlabelled": [...]}``; unlabelled entries are copies without ``label``.
+    """
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"labelled fraction must be in (0, 1], got {fraction!r}")
+    groups = sorted({str(item.get(group_key, item["image"])) for item in items})
+    if not groups:
+        raise ValueError("no training entries to split")
+    keep = max(1, round(float(fraction) * len(groups)))
+    chosen = {groups[i] for i in np.random.default_rng(seed).permutation(len(groups))[:keep]}
+    labelled = [dict(item) for item in items if str(item.get(group_key, item["image"])) in chosen]
+    unlabelled = [{k: v for k, v in item.items() if k != "label"} for item in items
+                  if str(item.get(group_key, item["image"])) not in chosen]
+    unlabelled += [{k: v for k, v in item.items() if k != "label"} for item in extra_unlabelled]
+    return {"labelled": labelled, "unlabelled": unlabelled}
+
+
+class MarkLabelledd(MapTransform):
+    """Sets ``labelled`` (bool) from the presence of the label; a missing label becomes an all-zero placeholder.
+
+    Put it right after ``LoadImaged`` / ``EnsureChannelFirstd`` (both with ``allow_missing_keys=True``), so that
+    labelled and label-free samples go through the same spatial transforms and collate into one batch. The
+    placeholder has one channel and the image's spatial shape; it is never used as a target (the trainer masks it).
+    """
+
+    def __init__(self, keys: KeysCollection = "label", image_key: str = "image", flag_key: str = "labelled"):
+        super().__init__(keys, allow_missing_keys=True)
+        self.image_key, self.flag_key = image_key, flag_key
+
+    def __call__(self, data: dict[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        present = all(key in d for key in self.keys)
+        for key in self.keys:
+            if key not in d:
+                image = d[self.image_key]
+                d[key] = torch.zeros_like(torch.as_tensor(image)[:1])
+        d[self.flag_key] = present
+        return d
+
+
+class SemiSupervisedDataset(Dataset):
+    """Item ``i`` is ``[labelled[i % n_l], unlabelled[i % n_u]]``; the length is the larger of the two sets.
+
+    With ``shuffle=True`` in the loader, every sample of the larger set is seen once per epoch and the smaller set is
+    cycled, as in Graph Flow's semi-supervised loop. Both datasets must yield dicts with a ``labelled`` flag
+    (see :class:`MarkLabelledd`).
+    """
+
+    def __init__(self, labelled: Dataset, unlabelled: Dataset):
+        if len(labelled) == 0:
+            raise ValueError("the labelled set is empty: raise the labelled fraction")
+        if len(unlabelled) == 0:
+            raise ValueError("the unlabelled set is empty: lower the labelled fraction or add unlabelled entries")
+        self.labelled, self.unlabelled = labelled, unlabelled
+
+    def __len__(self) -> int:
+        return max(len(self.labelled), len(self.unlabelled))
+
+    def __getitem__(self, index: int) -> list[dict]:
+        return [self.labelled[index % len(self.labelled)], self.unlabelled[index % len(self.unlabelled)]]
