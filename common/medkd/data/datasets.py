@@ -31,6 +31,14 @@ __all__ = ["Download", "READERS", "read_msd", "read_lits", "read_synapse", "prep
 
 SYNAPSE_LABELS = {"0": "background", "1": "aorta", "2": "gallbladder", "3": "left kidney", "4": "right kidney",
                   "5": "liver", "6": "pancreas", "7": "spleen", "8": "stomach"}
+# TransUNet's published split (Beckschen/TransUNet, lists/lists_Synapse): the cases of train.txt (slice names
+# caseXXXX_sliceYYY) and of test_vol.txt, in the lists' order.
+SYNAPSE_TRAIN = ("case0031", "case0007", "case0009", "case0005", "case0026", "case0039", "case0024", "case0034",
+                 "case0033", "case0030", "case0023", "case0040", "case0010", "case0021", "case0006", "case0027",
+                 "case0028", "case0037")
+SYNAPSE_TEST = ("case0008", "case0022", "case0038", "case0036", "case0032", "case0002", "case0029", "case0003",
+                "case0001", "case0004", "case0025", "case0035")
+SYNAPSE_SPLIT = {c: "training" for c in SYNAPSE_TRAIN} | {c: "test" for c in SYNAPSE_TEST}
 
 
 def read_msd(src: Path) -> Download:
@@ -88,7 +96,11 @@ def _synapse_test(path: Path):
 
 
 def read_synapse(src: Path) -> Download:
-    """The TransUNet Synapse layout; its folders give the standard 18 training / 12 test split."""
+    """The TransUNet Synapse layout; the standard split is TransUNet's published 18 training / 12 test cases.
+
+    Cases are read from either folder (``train_npz`` slices or ``test_vol_h5`` volumes) and split by their id, so a
+    download preprocessed differently still gets the published split; ids outside it need ``--split random``.
+    """
     train_dir, test_dir = src / "train_npz", src / "test_vol_h5"
     for folder in (train_dir, test_dir):
         if not folder.is_dir():
@@ -99,9 +111,14 @@ def read_synapse(src: Path) -> Download:
     train = [Case(c, p[0], p[0], partial(_synapse_train, sorted(p, key=lambda q: int(q.stem.split("slice")[1]))))
              for c, p in by_case.items()]
     test = [Case(p.name.split(".")[0], p, p, partial(_synapse_test, p)) for p in sorted(test_dir.glob("case*.npy.h5"))]
-    split = {c.case_id: "training" for c in train} | {c.case_id: "test" for c in test}
-    metadata = {"name": "Synapse multi-organ CT (TransUNet preprocessing)", "labels": SYNAPSE_LABELS}
-    return Download(train + test, set(range(9)), metadata, standard_split=split)
+    found = {c.case_id for c in train + test}
+    absent = [c for c in sorted(SYNAPSE_SPLIT) if c not in found]
+    if absent:
+        print(f"[prepare] synapse: {len(absent)} of the {len(SYNAPSE_SPLIT)} cases of the published split are not in "
+              f"the download: {', '.join(absent)}", flush=True)
+    metadata = {"name": "Synapse multi-organ CT (TransUNet preprocessing)", "labels": SYNAPSE_LABELS,
+                "split_source": "TransUNet lists/lists_Synapse (train.txt, test_vol.txt)"}
+    return Download(train + test, set(range(9)), metadata, standard_split=dict(SYNAPSE_SPLIT))
 
 
 READERS: dict[str, Callable[[Path], Download]] = {"msd": read_msd, "lits": read_lits, "synapse": read_synapse,
