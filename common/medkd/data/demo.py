@@ -188,7 +188,9 @@ def prepare_demo(
     """Write the demo dataset to ``out`` and return the path of its datalist.
 
     Args:
-        out: output folder (created); holds ``imagesTr/``, ``labelsTr/`` and ``datalist.json``.
+        out: output folder (created); holds ``imagesTr/``, ``labelsTr/`` and ``datalist.json``. Every datalist
+            entry has ``image``, ``label``, ``subject`` and ``case`` (both the pseudo-subject id) and, for 2D data,
+            ``slice`` (the axial index in the subject's volume), as the dataset converters write them.
         subjects: number of pseudo-subjects (split by subject: 20% test, 15% validation, the rest training).
         seed: random seed; the same arguments give byte-identical files.
         dims: 2 writes axial slices (``slices_per_subject`` evenly spaced slices through the brain per subject),
@@ -216,18 +218,22 @@ def prepare_demo(
         image, label, affine = make_subject(np.random.default_rng(subject_seeds[sid]), template, cfg)
         name = f"sub-{sid:03d}"
         if dims == 3:
-            items = [(name, image, label, affine)]
+            items = [(name, image, label, affine, None)]
         else:
             items = []
             for z in _axial_slices(label, cfg, slices_per_subject):
                 z_affine = affine.copy()
                 z_affine[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, z]) + affine[:3, 3]
-                items.append((f"{name}_z{z:03d}", image[:, :, z], label[:, :, z], z_affine))
-        for case, img, lab, aff in items:
-            rel_img, rel_lab = f"imagesTr/{case}.nii.gz", f"labelsTr/{case}.nii.gz"
+                items.append((f"{name}_z{z:03d}", image[:, :, z], label[:, :, z], z_affine, z))
+        for stem, img, lab, aff, z in items:
+            rel_img, rel_lab = f"imagesTr/{stem}.nii.gz", f"labelsTr/{stem}.nii.gz"
             atomic_write_bytes(out / rel_img, nifti_bytes(img, aff))
             atomic_write_bytes(out / rel_lab, nifti_bytes(lab, aff))
-            lists[split_of[sid]].append({"image": rel_img, "label": rel_lab, "subject": name})
+            # "case" and "slice" as the dataset converters write them (evaluation protocols group by case)
+            entry = {"image": rel_img, "label": rel_lab, "subject": name, "case": name}
+            if z is not None:
+                entry["slice"] = int(z)
+            lists[split_of[sid]].append(entry)
 
     datalist = {
         "name": "medkd-demo-mni152",
