@@ -20,10 +20,12 @@ def prepare(dataset: str, out: str, src: str | None = None, **options) -> None:
     """Write DATASET as NIfTI + an MSD-style datalist under OUT; prints and returns the datalist path.
 
     Datasets: ``demo`` (the embedded MNI152 pseudo-subjects; options: subjects, seed, dims, spacing,
-    slices_per_subject, and the variation strengths of :class:`medkd.data.DemoConfig`); ``msd`` (any Decathlon
-    task folder), ``lits`` and ``synapse`` (TransUNet layout) read the download at ``--src`` (options: split,
-    dims, slices, window, out_range, label_map, val_fraction, test_fraction, seed, labelled_fraction,
-    data_fraction; see :mod:`medkd.data.datasets` and :class:`medkd.data.convert.ConvertOptions`).
+    slices_per_subject, and the variation strengths of :class:`medkd.data.DemoConfig`). The public datasets
+    ``msd``, ``lits``, ``kits19``, ``synapse``, ``chaos``, ``flare22``, ``busi``, ``cvc_clinicdb``, ``chasedb1``,
+    ``drive``, ``stare`` and ``m2caiseg`` read the download at ``--src`` (options: split, dims, slices, window,
+    out_range, resize, label_map, val_fraction, test_fraction, seed, labelled_fraction, data_fraction, and the
+    dataset's own, e.g. annotator or mask_threshold; see docs/datasets.md, :mod:`medkd.data.datasets` and
+    :class:`medkd.data.convert.ConvertOptions`).
     """
     from medkd.data.datasets import READERS, prepare_dataset
 

@@ -6,7 +6,11 @@
   1 liver, 2 tumour). Default window [-60, 140] HU mapped to [-1, 1] (EMKD).
 - ``synapse``: the TransUNet preprocessed Synapse layout: ``train_npz/caseXXXX_sliceYYY.npz`` (training slices,
   keys ``image``, ``label``) and ``test_vol_h5/caseXXXX.npy.h5`` (test volumes ``(D, H, W)``); labels 0..8. The
-  standard split is the layout's (18 training / 12 test cases); intensities are already normalised.
+  standard split is TransUNet's published case lists (18 training / 12 test); intensities are already normalised.
+
+The CT readers ``kits19``, ``chaos`` and ``flare22`` are in :mod:`medkd.data.ct_datasets`, the 2D photo readers
+``busi``, ``cvc_clinicdb``, ``chasedb1``, ``drive``, ``stare`` and ``m2caiseg`` in :mod:`medkd.data.image_datasets`;
+``docs/datasets.md`` describes every one.
 """
 
 from __future__ import annotations
