@@ -55,7 +55,20 @@ def workflow(bundle: str, configs: list[str], workflow_type: str = "train", **ov
     return wf
 
 
+# Stages a bundle runs before train.json (each writes files under ckpt_dir that train.json loads), with the
+# overrides that make them a few iterations long.
+STAGES = {"pretrain_paraphraser.json": {"paraphraser_epochs": 1}}
+
+
+def stages_of(bundle: str) -> list[str]:
+    return [name for name in STAGES if (BUNDLES / bundle / "configs" / name).is_file()]
+
+
 def run_workflow(bundle: str, configs: list[str], workflow_type: str = "train", check: bool = True, **overrides):
+    """Run ``configs`` of ``bundle``; a training run of a multi-stage bundle first runs its earlier stages."""
+    if workflow_type == "train" and "evaluate.json" not in configs and not set(configs) & set(STAGES):
+        for stage in stages_of(bundle):
+            run_workflow(bundle, [*configs, stage], check=False, **{**overrides, **STAGES[stage]})
     wf = workflow(bundle, configs, workflow_type, **overrides)
     if check:
         assert wf.check_properties() in ([], None), wf.check_properties()

@@ -21,12 +21,16 @@ def _rand(*shape, seed=0):
 
 
 def _naive_flow(a, b, cosine=False, normalize=True):
+    return _naive_flow_pair(a, b, cosine, normalize)
+
+
+def _naive_flow_pair(a, b, cosine=False, normalize=True):
     a, b = a.double().numpy(), b.double().numpy()
-    bsz, c = a.shape[:2]
-    a, b = a.reshape(bsz, c, -1), b.reshape(bsz, c, -1)
+    bsz, c1, c2 = a.shape[0], a.shape[1], b.shape[1]
+    a, b = a.reshape(bsz, c1, -1), b.reshape(bsz, c2, -1)
     n = a.shape[2]
-    out = np.zeros((bsz, c, c))
-    for k, i, j in itertools.product(range(bsz), range(c), range(c)):
+    out = np.zeros((bsz, c1, c2))
+    for k, i, j in itertools.product(range(bsz), range(c1), range(c2)):
         x, y = a[k, i], b[k, j]
         if cosine:
             x, y = x / np.linalg.norm(x), y / np.linalg.norm(y)
@@ -43,6 +47,10 @@ def test_flow_matrix_and_edges_match_loops(cosine, normalize):
     loss = GraphFlowEdges(cosine, normalize, reduction="sum")
     np.testing.assert_allclose(float(loss(s1, s2, t1, t2)), expected.sum(), rtol=1e-5)
     np.testing.assert_allclose(float(GraphFlowEdges(cosine, normalize, "mean")(s1, s2, t1, t2)), expected.mean(), rtol=1e-5)
+    # channel counts may differ between the two layers
+    wide = _rand(2, 5, 4, 5, seed=9)
+    np.testing.assert_allclose(flow_matrix(s1, wide, cosine, normalize).numpy(), _naive_flow_pair(s1, wide, cosine, normalize),
+                               rtol=1e-5, atol=1e-6)
     # 3D maps: the flow only sees flattened positions
     f3 = [x.reshape(2, 3, 4, 5, 1) for x in (s1, s2, t1, t2)]
     np.testing.assert_allclose(float(loss(*f3)), expected.sum(), rtol=1e-5)
@@ -116,6 +124,11 @@ def test_discriminator_shapes_and_spectral_norm():
     assert d(torch.randn(1, 3, 224, 224)).shape == (1, 1, 11, 11)
     assert LogitsDiscriminator(3, extra_layer=False)(torch.randn(1, 3, 64, 64)).shape == (1, 1, 5, 5)
     assert LogitsDiscriminator(2, spatial_dims=3, conv_dim=4)(torch.randn(1, 2, 64, 64, 64)).shape == (1, 1, 1, 1, 1)
+    # small crops are zero-padded to the smallest size the stages take (64 with the extra layer)
+    d.eval()  # no power iteration between the two calls
+    small = torch.randn(1, 3, 48, 64)
+    padded = torch.nn.functional.pad(torch.tanh(small), (0, 0, 8, 8))
+    torch.testing.assert_close(d(small), d.last(d.features(padded)))
     sn_convs = [m for m in d.features if isinstance(m, nn.Conv2d)]
     assert len(sn_convs) == 4 and all(hasattr(m, "parametrizations") for m in sn_convs)
     d.train()

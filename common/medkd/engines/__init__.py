@@ -1,9 +1,25 @@
-"""MONAI/Ignite glue: the KD trainer and the handlers the bundles use."""
+"""MONAI/Ignite glue: the KD trainer, adversary steps, paraphraser pretraining, schedules, the handlers the bundles
+use, and the evaluation-protocol handler."""
 
-from medkd.engines.handlers import AtomicCheckpointSaver, ProgressBar, TrainingState, loss_scalars
 from medkd.engines.adversarial import WGANGPStep
+from medkd.engines.handlers import AtomicCheckpointSaver, ProgressBar, TrainingState, loss_scalars
+from medkd.engines.paraphraser import ParaphraserSaver, ParaphraserTrainer
 from medkd.engines.protocols import PROTOCOL_OPTIONS, ProtocolSaver, needs_probabilities
+from medkd.engines.schedules import PiecewisePolyLR
 from medkd.engines.trainer import AdversaryStep, KDTrainer
 
-__all__ = ["AdversaryStep", "AtomicCheckpointSaver", "KDTrainer", "ProgressBar", "TrainingState", "WGANGPStep", "loss_scalars"]
-__all__ += ["PROTOCOL_OPTIONS", "ProtocolSaver", "needs_probabilities"]
+__all__ = [
+    "AdversaryStep",
+    "AtomicCheckpointSaver",
+    "KDTrainer",
+    "PROTOCOL_OPTIONS",
+    "ParaphraserSaver",
+    "ParaphraserTrainer",
+    "PiecewisePolyLR",
+    "ProgressBar",
+    "ProtocolSaver",
+    "TrainingState",
+    "WGANGPStep",
+    "loss_scalars",
+    "needs_probabilities",
+]

@@ -53,7 +53,8 @@ class LogitsDiscriminator(nn.Module):
     self-attention, [SN-conv (``-> 8 conv_dim``), self-attention] when ``extra_layer``, then a 4x4 convolution to
     one channel without padding. Every SN-conv is followed by LeakyReLU(0.1). The released code always builds the
     extra layer (``imsize=256`` hard-coded), also for 224 inputs. Output: a ``(B, 1, h, w[, d])`` score map (13x13
-    for 256x256 inputs); inputs need at least 64 pixels per side with the extra layer (32 without).
+    for 256x256 inputs). Inputs smaller than ``min_size`` (64 pixels per side with the extra layer, 32 without) are
+    zero-padded (after the squash) to that size, so small crops work too.
 
     Args:
         in_channels: number of classes ``K`` of the logits.
@@ -78,9 +79,15 @@ class LogitsDiscriminator(nn.Module):
                 layers.append(SelfAttention(cout, spatial_dims))
         self.features = nn.Sequential(*layers)
         self.last = conv(widths[-1], 1, 4)
+        self.min_size = 4 * 2 ** (len(widths) - 1)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.last(self.features(SQUASH[self.squash](logits.float())))
+        x = SQUASH[self.squash](logits.float())
+        short = [max(self.min_size - s, 0) for s in x.shape[2:]]
+        if any(short):
+            pad = [v for s in reversed(short) for v in (s // 2, s - s // 2)]
+            x = torch.nn.functional.pad(x, pad)
+        return self.last(self.features(x))
 
 
 def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor,

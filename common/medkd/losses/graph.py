@@ -38,19 +38,21 @@ def _patch_pool(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def flow_matrix(first: torch.Tensor, second: torch.Tensor, cosine: bool = False, normalize: bool = True) -> torch.Tensor:
-    """Channel-flow graph between two layers: ``(B, C, N) @ (B, C, N)^T`` with ``N`` the spatial size.
+    """Channel-flow graph between two layers: ``(B, C1, N) @ (B, C2, N)^T`` with ``N`` the spatial size.
 
     Args:
-        first, second: ``(B, C, *spatial)`` feature maps of the same shape (resize beforehand if needed).
+        first, second: ``(B, C1, *spatial)`` and ``(B, C2, *spatial)`` feature maps of one batch and spatial size
+            (resize beforehand if needed); the channel counts may differ.
         cosine: L2-normalise each channel map first (cosine edges).
         normalize: divide by ``N`` (FSP-style without the division when ``False``).
 
     Returns:
-        ``(B, C, C)``: entry ``(i, j)`` is the (normalised) inner product of channel ``i`` of ``first`` with
+        ``(B, C1, C2)``: entry ``(i, j)`` is the (normalised) inner product of channel ``i`` of ``first`` with
         channel ``j`` of ``second``.
     """
-    if first.shape != second.shape:
-        raise ValueError(f"flow_matrix needs features of one shape, got {tuple(first.shape)} and {tuple(second.shape)}")
+    if first.shape[0] != second.shape[0] or first.shape[2:] != second.shape[2:]:
+        raise ValueError(f"flow_matrix needs features of one batch and spatial size, got {tuple(first.shape)} and "
+                         f"{tuple(second.shape)}")
     a, b = first.flatten(2).float(), second.flatten(2).float()
     if cosine:
         a, b = F.normalize(a, dim=2), F.normalize(b, dim=2)
@@ -100,7 +102,8 @@ class GraphFlowEdges(nn.Module):
     """Edges of the graph flow: the cross-layer channel-flow matrices of student and teacher must agree.
 
     ``||G(S_shallow, S_deep) - G(T_shallow, T_deep)||^2`` with ``G`` = :func:`flow_matrix`. The shallow and deep
-    taps of one network must have one shape (Graph Flow: both at stride 4 with the paraphraser width).
+    taps of one network must have one spatial size (Graph Flow: both at stride 4); the teacher's (paraphrased)
+    channel counts must equal the student's.
 
     Args:
         cosine: cosine edges (channel maps L2-normalised) instead of inner products.
