@@ -312,3 +312,13 @@ def test_multi_gpu_overrides_disable_only_the_logging_handlers(bundle):
         assert handler["_target_"] in ("StatsHandler", "TensorBoardStatsHandler"), (key, handler)
     assert train["train"]["handlers"][-2]["_target_"] == "StatsHandler"  # zoo / MONAI Label convention: last two
     assert train["train"]["handlers"][-1]["_target_"] == "TensorBoardStatsHandler"
+
+
+def test_graph_flow_refuses_to_distil_without_paraphrasers(tiny2d, teacher_2d, tmp_path):
+    """train.json alone (the paraphraser stage never ran) stops with a message naming the missing stage."""
+    wf = workflow("graph_flow_segmentation", ["train.json"], dataset_dir=str(tiny2d), ckpt_dir=str(tmp_path / "run"),
+                  output_dir=str(tmp_path / "run" / "eval"), teacher_ckpt=str(teacher_2d), **TINY_2D)
+    with pytest.raises(Exception) as err:
+        wf.run()
+    assert "pretrain_paraphraser.json" in error_chain(err.value) and "paraphraser_enc.pt" in error_chain(err.value)
+    assert not (tmp_path / "run" / "model.pt").exists()
