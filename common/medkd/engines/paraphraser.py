@@ -14,6 +14,7 @@ from monai.engines import SupervisedTrainer
 from monai.utils.enums import CommonKeys as Keys
 
 from medkd.distill.teacher import LiveTeacher
+from medkd.engines.trainer import amp_enabled, backward_and_step
 from medkd.io import atomic_torch_save
 
 __all__ = ["ParaphraserTrainer", "ParaphraserSaver"]
@@ -50,7 +51,7 @@ class ParaphraserTrainer(SupervisedTrainer):
         targets = self.teacher(image)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        use_amp = engine.amp and engine.scaler is not None and torch.device(engine.state.device).type == "cuda"
+        use_amp = amp_enabled(engine)
         with torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
             losses = {name: F.mse_loss(p(targets[f"t.{name}"]).float(), targets[f"t.{name}"].float())
                       for name, p in engine.network.items()}
@@ -58,13 +59,7 @@ class ParaphraserTrainer(SupervisedTrainer):
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(f"non-finite paraphraser loss at iteration {engine.state.iteration}: "
                                      f"{ {k: float(v) for k, v in losses.items()} }; lower the learning rate")
-        if use_amp:
-            engine.scaler.scale(loss).backward()
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.optimizer.step()
+        backward_and_step(engine, loss, use_amp)
         engine.state.output = {Keys.LOSS: loss.detach(), **{f"loss_{k}": v.detach() for k, v in losses.items()}}
         return engine.state.output
 

@@ -15,6 +15,24 @@ from medkd.distill import Distiller
 __all__ = ["KDTrainer", "AdversaryStep"]
 
 
+def amp_enabled(engine: SupervisedTrainer) -> bool:
+    """Whether this iteration runs under CUDA autocast (AMP requested, a grad scaler, a CUDA device)."""
+    return bool(engine.amp and engine.scaler is not None and torch.device(engine.state.device).type == "cuda")
+
+
+def backward_and_step(engine: SupervisedTrainer, loss: torch.Tensor, use_amp: bool) -> None:
+    """Backward pass and optimiser step of ``engine`` (through its grad scaler under AMP); fires BACKWARD_COMPLETED."""
+    if use_amp:
+        engine.scaler.scale(loss).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.scaler.step(engine.optimizer)
+        engine.scaler.update()
+    else:
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+
+
 class AdversaryStep:
     """An extra optimisation step run right after each student step (e.g. a discriminator, WGAN-GP).
 
@@ -76,7 +94,7 @@ class KDTrainer(SupervisedTrainer):
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        use_amp = engine.amp and engine.scaler is not None and torch.device(engine.state.device).type == "cuda"
+        use_amp = amp_enabled(engine)
         with torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
             out = engine.network(inputs, targets, labelled)
         engine.state.output[Keys.PRED] = out["pred"]
@@ -85,15 +103,7 @@ class KDTrainer(SupervisedTrainer):
         self._check_finite(engine, out)
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if use_amp:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
+        backward_and_step(engine, loss, use_amp)
 
         features = out.pop("features")
         for adversary in self.adversaries:
