@@ -1,16 +1,21 @@
 """Distillation core: feature taps, loss terms, teacher sources and the Distiller module."""
 
 from medkd.distill.distiller import Distiller
+from medkd.distill.self_distill import AuxiliaryHead, ClassWiseFeatures, FeatureReconstruction, SelfDistillationStudent
 from medkd.distill.taps import FeatureTaps
 from medkd.distill.teacher import LiveTeacher, ParaphrasedTeacher, TeacherSource, first_tensor, load_teacher_weights
 from medkd.distill.terms import LossTerm, parse_key
 
 __all__ = [
+    "AuxiliaryHead",
+    "ClassWiseFeatures",
     "Distiller",
+    "FeatureReconstruction",
     "FeatureTaps",
     "LiveTeacher",
     "LossTerm",
     "ParaphrasedTeacher",
+    "SelfDistillationStudent",
     "TeacherSource",
     "first_tensor",
     "load_teacher_weights",

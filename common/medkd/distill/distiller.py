@@ -20,8 +20,10 @@ class Distiller(nn.Module):
 
     ``forward(image, label, labelled=None)`` returns a dict with ``pred`` (student logits), ``loss`` (task +
     weighted terms, differentiable), ``loss_task``, and for every term ``loss_<name>`` (weighted) and
-    ``raw_<name>`` (unweighted), plus ``features`` (the feature dict, for adversary steps). Everything that is
-    trained (student, term adapters) is inside this module, so wrapping it in DDP all-reduces all of it.
+    ``raw_<name>`` (unweighted), ``raw_<name>_<key>`` for every scalar a loss module reports in its
+    ``extra_scalars`` dict (e.g. a learnable temperature), plus ``features`` (the feature dict, for adversary
+    steps). Everything that is trained (student, term adapters) is inside this module, so wrapping it in DDP
+    all-reduces all of it.
 
     Guarantees:
         - the teacher is loaded strictly from ``teacher_ckpt`` at construction (missing/mismatching file: error),
@@ -129,5 +131,7 @@ class Distiller(nn.Module):
             total = total + weighted
             out[f"loss_{term.name}"] = weighted.detach()
             out[f"raw_{term.name}"] = raw.detach()
+            for key, value in getattr(term.loss, "extra_scalars", {}).items():  # e.g. a learnable temperature
+                out[f"raw_{term.name}_{key}"] = value.detach()
         out["loss"] = total
         return out

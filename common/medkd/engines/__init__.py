@@ -2,7 +2,7 @@
 use, and the evaluation-protocol handler."""
 
 from medkd.engines.adversarial import WGANGPStep
-from medkd.engines.handlers import AtomicCheckpointSaver, ProgressBar, TrainingState, loss_scalars
+from medkd.engines.handlers import AtomicCheckpointSaver, ProgressBar, TermSchedule, TrainingState, loss_scalars
 from medkd.engines.paraphraser import ParaphraserSaver, ParaphraserTrainer
 from medkd.engines.protocols import PROTOCOL_OPTIONS, ProtocolSaver, needs_probabilities
 from medkd.engines.schedules import PiecewisePolyLR
@@ -18,6 +18,7 @@ __all__ = [
     "PiecewisePolyLR",
     "ProgressBar",
     "ProtocolSaver",
+    "TermSchedule",
     "TrainingState",
     "WGANGPStep",
     "loss_scalars",

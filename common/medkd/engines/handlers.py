@@ -16,7 +16,7 @@ from monai.handlers import CheckpointSaver
 
 from medkd.io import atomic_torch_save
 
-__all__ = ["AtomicCheckpointSaver", "TrainingState", "ProgressBar", "loss_scalars"]
+__all__ = ["AtomicCheckpointSaver", "TermSchedule", "TrainingState", "ProgressBar", "loss_scalars"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,39 @@ class TrainingState:
         if scaler is not None:
             state["grad_scaler"] = scaler.state_dict()
         atomic_torch_save(state, self.path)
+
+
+class TermSchedule:
+    """Epoch-dependent KD terms: calls ``set_epoch(epoch)`` on every term's loss module that has one (e.g. the
+    gradient-reversal ramp of :class:`medkd.losses.LearnableTemperature`) and keeps the terms named in
+    ``warmup_terms`` at weight 0 during the first ``warmup_epochs`` epochs, at every epoch start (so a resumed run
+    gets the same values).
+
+    Args:
+        terms: the Distiller's terms (``$@distiller.terms``).
+        warmup_epochs: epochs of warm-up (0: none).
+        warmup_terms: names of the terms that wait for the warm-up to end.
+    """
+
+    def __init__(self, terms, warmup_epochs: int = 0, warmup_terms=()):
+        self.terms = list(terms)
+        self.warmup_epochs = int(warmup_epochs)
+        names = {t.name for t in self.terms}
+        unknown = sorted(set(warmup_terms) - names)
+        if unknown:
+            raise ValueError(f"warm-up terms {unknown} are not among the KD terms {sorted(names)}")
+        self.weights = {t.name: t.weight for t in self.terms if t.name in set(warmup_terms)}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        for term in self.terms:
+            if hasattr(term.loss, "set_epoch"):
+                term.loss.set_epoch(epoch)
+            if term.name in self.weights:
+                term.weight = 0.0 if epoch <= self.warmup_epochs else self.weights[term.name]
 
 
 def loss_scalars(output: Any) -> dict[str, float]:

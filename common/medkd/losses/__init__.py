@@ -3,11 +3,48 @@
 
 from medkd.losses.adversarial import AdversarialGeneratorLoss, LogitsDiscriminator, SelfAttention, gradient_penalty
 from medkd.losses.attention import ImportanceMapsDistillation, attention_map
+from medkd.losses.baselines import (
+    AttentionTransfer,
+    ChannelWiseDistillation,
+    FitNetHint,
+    FSPLoss,
+    IntraClassFeatureVariation,
+    PairwiseSimilarity,
+)
+from medkd.losses.contrastive import BinaryLogitKD, ContrastiveDistillation, SupervisedContrastiveDistillation, info_nce
 from medkd.losses.graph import CrossLayerSimilarity, GraphFlowEdges, GraphFlowVertices, flow_matrix
 from medkd.losses.logits import PredictionMapDistillation
 from medkd.losses.region import RegionAffinityDistillation, region_affinities, region_centroids
+from medkd.losses.self_distill import (
+    AdversarialTemperatureKD,
+    FeatureReconstructionLoss,
+    InterClassSeparation,
+    LearnableTemperature,
+    UpsampledLoss,
+    class_wise_features,
+    cosine_ramp,
+    grad_reverse,
+)
 
 __all__ = [
+    "AttentionTransfer",
+    "ChannelWiseDistillation",
+    "FitNetHint",
+    "FSPLoss",
+    "IntraClassFeatureVariation",
+    "PairwiseSimilarity",
+    "BinaryLogitKD",
+    "ContrastiveDistillation",
+    "SupervisedContrastiveDistillation",
+    "info_nce",
+    "AdversarialTemperatureKD",
+    "FeatureReconstructionLoss",
+    "InterClassSeparation",
+    "LearnableTemperature",
+    "UpsampledLoss",
+    "class_wise_features",
+    "cosine_ramp",
+    "grad_reverse",
     "AdversarialGeneratorLoss",
     "CrossLayerSimilarity",
     "GraphFlowEdges",
