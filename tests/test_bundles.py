@@ -24,8 +24,12 @@ def cfg(bundle: str, name: str) -> str:
     return str(BUNDLES / bundle / "configs" / name)
 
 
+def has_teacher(bundle: str) -> bool:
+    return "teacher_def" in json.loads(Path(cfg(bundle, "train.json")).read_text())
+
+
 def kd_overrides(bundle: str, teacher: Path | None) -> dict:
-    return {"teacher_ckpt": str(teacher)} if bundle != "supervised_segmentation" else {}
+    return {"teacher_ckpt": str(teacher)} if has_teacher(bundle) else {}
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +234,7 @@ def test_3d_recipe_trains(bundle, tiny3d, tmp_path):
     recipe = ["train.json", "recipes/demo_3d.json"]
     teacher_dir = tmp_path / "teacher3d"
     extra = {}
-    if bundle != "supervised_segmentation":
+    if has_teacher(bundle):
         run_workflow("supervised_segmentation", recipe, dataset_dir=str(tiny3d), ckpt_dir=str(teacher_dir),
                      output_dir=str(teacher_dir / "eval"), **TINY_3D)
         extra = {"teacher_ckpt": str(teacher_dir / "model.pt")}
@@ -250,7 +254,7 @@ def test_multi_gpu_config_under_torchrun_on_cpu(bundle, tiny2d, teacher_2d, tmp_
            "run", "--config_file", str([cfg(bundle, "train.json"), cfg(bundle, "multi_gpu_train.json")]),
            "--bundle_root", str(BUNDLES / bundle), "--dataset_dir", str(tiny2d), "--ckpt_dir", str(out),
            "--output_dir", str(out / "eval"), "--roi_size", "[48,64]", "--epochs", "2", "--batch_size", "2", "--val_interval", "1"]
-    if bundle != "supervised_segmentation":
+    if has_teacher(bundle):
         cmd += ["--teacher_ckpt", str(teacher_2d)]
     for stage in stages_of(bundle):  # earlier stages (paraphrasers) write their files into the same ckpt_dir
         run_workflow(bundle, ["train.json", stage], check=False, dataset_dir=str(tiny2d), ckpt_dir=str(out),
@@ -322,3 +326,24 @@ def test_graph_flow_refuses_to_distil_without_paraphrasers(tiny2d, teacher_2d, t
         wf.run()
     assert "pretrain_paraphraser.json" in error_chain(err.value) and "paraphraser_enc.pt" in error_chain(err.value)
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_acw_skd_exports_the_plain_student(trained, tiny2d):
+    """The auxiliary head, FRMs and temperature live in the training state only: model.pt is the student that the
+    supervised bundle trains without self-distillation (same keys, parameter count and output shape)."""
+    acw = workflow("acw_skd_segmentation", ["train.json"], dataset_dir="unused")
+    plain = workflow("supervised_segmentation", ["train.json"], dataset_dir="unused",
+                     network_def=json.loads(Path(cfg("acw_skd_segmentation", "inference.json")).read_text())["network_def"])
+    student, baseline = acw.parser.get_parsed_content("network_def"), plain.parser.get_parsed_content("network_def")
+    state = torch.load(trained["acw_skd_segmentation"] / "model.pt", weights_only=True)
+    baseline.load_state_dict(state, strict=True)
+    student.load_state_dict(state, strict=True)
+    assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in baseline.parameters())
+    x = torch.randn(2, 1, 48, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval()(x), baseline.eval()(x))
+    train_state = torch.load(trained["acw_skd_segmentation"] / "train_state.pt", weights_only=True)
+    heads = train_state["heads"]
+    assert any(k.startswith("aux.") for k in heads) and any(k.startswith("frm_pen.") for k in heads)
+    assert not any(k.startswith(("aux.", "frm_")) for k in state)
+    assert any("theta" in k for k in train_state["kd_terms"])  # the learnable temperature is trained and saved
