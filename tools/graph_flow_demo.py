@@ -23,26 +23,13 @@ raw (unweighted) value at the first iteration of both Graph Flow runs, read from
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
 import fire
 
 from medkd.data.demo import LABELS
-from medkd.demo import _ensure_data, _run_bundle, _summary, bundles_dir
-
-FIRST_ITER = re.compile(r"Epoch: 1/\d+, Iter: 1/\d+ -- (.*)$")
-
-
-def _first_iteration(log: Path) -> dict[str, float]:
-    """The ``name: value`` pairs of the first StatsHandler iteration line of a training log."""
-    for line in log.read_text().splitlines():
-        m = FIRST_ITER.search(line)
-        if m:
-            return {k: float(v) for k, v in re.findall(r"(\w+): ([-+0-9.eE]+|nan|inf)", m.group(1))}
-    raise ValueError(f"no first-iteration line in {log}")
-
+from medkd.demo import _ensure_data, _run_bundle, _summary, bundles_dir, first_iteration_scalars
 
 def main(out: str = "graph_flow_demo", fraction: float = 0.2, epochs: int = 30, seed: int = 0, subjects: int = 12,
          data_dir: str = "data/demo2d", reuse: str | tuple = ()) -> None:
@@ -103,7 +90,7 @@ def main(out: str = "graph_flow_demo", fraction: float = 0.2, epochs: int = 30, 
                          "hd95_voxels": hd95["mean"], "train_seconds": train_s}
         rows.append(f"| {titles[name]} | " + " | ".join(f"{dice[k]:.4f}" for k in labels)
                     + f" | **{dice['mean']:.4f}** | {hd95['mean']:.2f} | {train_s:.0f} |")
-    first = {name: _first_iteration(logs / f"train_{name}.log") for name in ("gf_labelled", "gf_semi")}
+    first = {name: first_iteration_scalars(logs / f"train_{name}.log") for name in ("gf_labelled", "gf_semi")}
     terms = sorted({k for v in first.values() for k in v if k.startswith(("raw_", "loss"))})
     mag = ["| value at iteration 1 | " + " | ".join(titles[n] for n in first) + " |", "|---|---|---|"]
     mag += [f"| `{t}` | " + " | ".join(f"{first[n].get(t, float('nan')):.4g}" for n in first) + " |" for t in terms]

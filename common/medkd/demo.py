@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import numpy as np
 
 from medkd.data.demo import LABELS
 
-__all__ = ["run_demo", "bundles_dir"]
+__all__ = ["run_demo", "bundles_dir", "first_iteration_scalars"]
 
 EVAL_LINE = ("Epoch[", "Metrics --")
 COLORS = {1: (255, 160, 0), 2: (40, 170, 255)}  # grey matter orange, white matter blue
@@ -79,6 +80,18 @@ def _summary(eval_dir: Path, metric: str) -> dict[str, float]:
     """Per-class mean and overall mean from MONAI's MetricsSaver ``<metric>_summary.csv``."""
     with open(eval_dir / f"{metric}_summary.csv") as f:
         return {row["class"]: float(row["mean"]) for row in csv.DictReader(f)}
+
+
+_FIRST_ITER = re.compile(r"Epoch: 1/\d+, Iter: 1/\d+ -- (.*)$")
+
+
+def first_iteration_scalars(log: Path) -> dict[str, float]:
+    """The ``name: value`` pairs (loss, loss_*, raw_*) of the first StatsHandler iteration line of a training log."""
+    for line in Path(log).read_text().splitlines():
+        m = _FIRST_ITER.search(line)
+        if m:
+            return {k: float(v) for k, v in re.findall(r"(\w+): ([-+0-9.eE]+|nan|inf)", m.group(1))}
+    raise ValueError(f"no first-iteration line in {log}")
 
 
 def _network(bundle: str, key: str = "network_def"):
