@@ -29,7 +29,9 @@ def has_teacher(bundle: str) -> bool:
 
 
 def kd_overrides(bundle: str, teacher: Path | None) -> dict:
-    return {"teacher_ckpt": str(teacher)} if has_teacher(bundle) else {}
+    """The supervised teacher for KD bundles; bundles that train their own teacher (a stage) need none."""
+    own_stage = (BUNDLES / bundle / "configs" / "train_teacher.json").is_file()
+    return {"teacher_ckpt": str(teacher)} if has_teacher(bundle) and not own_stage else {}
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +231,7 @@ def test_resume_after_a_kill_continues_with_the_same_command(tiny2d, tmp_path):
     assert final["lr_scheduler"]["last_epoch"] == epochs
 
 
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("bundle", [b for b in BUNDLE_NAMES if (BUNDLES / b / "configs" / "recipes" / "demo_3d.json").is_file()])
 def test_3d_recipe_trains(bundle, tiny3d, tmp_path):
     recipe = ["train.json", "recipes/demo_3d.json"]
     teacher_dir = tmp_path / "teacher3d"
@@ -254,8 +256,8 @@ def test_multi_gpu_config_under_torchrun_on_cpu(bundle, tiny2d, teacher_2d, tmp_
            "run", "--config_file", str([cfg(bundle, "train.json"), cfg(bundle, "multi_gpu_train.json")]),
            "--bundle_root", str(BUNDLES / bundle), "--dataset_dir", str(tiny2d), "--ckpt_dir", str(out),
            "--output_dir", str(out / "eval"), "--roi_size", "[48,64]", "--epochs", "2", "--batch_size", "2", "--val_interval", "1"]
-    if has_teacher(bundle):
-        cmd += ["--teacher_ckpt", str(teacher_2d)]
+    for key, value in kd_overrides(bundle, teacher_2d).items():
+        cmd += [f"--{key}", value]
     for stage in stages_of(bundle):  # earlier stages (paraphrasers) write their files into the same ckpt_dir
         run_workflow(bundle, ["train.json", stage], check=False, dataset_dir=str(tiny2d), ckpt_dir=str(out),
                      output_dir=str(out / "eval"), teacher_ckpt=str(teacher_2d), **TINY_2D, **STAGES[stage])
@@ -347,3 +349,27 @@ def test_acw_skd_exports_the_plain_student(trained, tiny2d):
     assert any(k.startswith("aux.") for k in heads) and any(k.startswith("frm_pen.") for k in heads)
     assert not any(k.startswith(("aux.", "frm_")) for k in state)
     assert any("theta" in k for k in train_state["kd_terms"])  # the learnable temperature is trained and saved
+
+
+def test_mtms_stages_teacher_recon_and_projections(trained):
+    """Stage 1 wrote a multi-task teacher (with its reconstruction decoder) that stage 2 loaded; the learned
+    projections are in the training state, never in model.pt; inference runs the student alone."""
+    ckpt = trained["mtms_ckd_segmentation"]
+    wf = workflow("mtms_ckd_segmentation", ["train.json"], dataset_dir="unused")
+    teacher = wf.parser.get_parsed_content("teacher_def")
+    teacher_state = torch.load(ckpt / "teacher.pt", weights_only=True)
+    teacher.load_state_dict(teacher_state, strict=True)
+    assert any(k.startswith("decoders.1.") for k in teacher_state)  # the reconstruction decoder was trained
+    x = torch.randn(2, 1, 48, 64)
+    seg, recon = teacher.eval().forward_tasks(x)
+    assert recon.shape == x.shape and seg.shape == (2, 3, 48, 64)
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    student = wf.parser.get_parsed_content("network_def")
+    student.load_state_dict(state, strict=True)
+    assert not any("projection" in k or k.startswith("decoders.1.") for k in state)
+    terms = torch.load(ckpt / "train_state.pt", weights_only=True)["kd_terms"]
+    projections = [k for k in terms if "projection" in k]
+    assert projections and all(terms[k].abs().sum() > 0 for k in projections)
+    infer = workflow("mtms_ckd_segmentation", ["inference.json"], workflow_type="infer")
+    net = infer.parser.get_parsed_content("network_def")
+    assert type(net).__name__ == "SmallUNet" and len(net.decoders) == 1  # no reconstruction decoder at inference
