@@ -2,17 +2,20 @@
 
     python tools/compare_recipes.py --bundle emkd_segmentation \\
         --recipes "default,recipes/pmd_only.json" [--seeds 0,1,2] [--epochs 30] [--out results/compare]
-        [--teacher_ckpt PATH] [--baseline True] [--data_dir data/demo2d] [--title "..."]
+        [--teacher_ckpt PATH] [--baseline True] [--baseline_recipe recipes/no_kd.json] [--data_dir data/demo2d]
+        [--title "..."]
 
 Every step is a ``python -m monai.bundle run`` (logs in ``<out>/logs``). For each seed:
 
 - ``without KD``: the supervised bundle training the KD bundle's ``network_def`` (same schedule, optimiser,
-  augmentation and batch size: the bundles share them), unless ``--baseline False``;
+  augmentation and batch size: the bundles share them), or, with ``--baseline_recipe``, the KD bundle itself with
+  that recipe (e.g. MTMS-CKD's ``no_kd.json``: same data fraction, no terms, no teacher); none with
+  ``--baseline False``;
 - every recipe: ``train.json`` (``default``) or ``train.json`` + the recipe file (a path relative to the bundle's
   ``configs/`` or absolute), with ``seed`` overridden; a bundle with a paraphraser stage runs it first.
 
-A bundle that reads a teacher gets one trained once by the supervised bundle (seed 0) on the same data, or
-``--teacher_ckpt``. Each model is evaluated on the test split (``evaluate.json``). The script writes
+A bundle that reads a teacher gets one trained once (seed 0) by its own ``train_teacher.json`` stage when it has
+one, else by the supervised bundle, on the same data; or ``--teacher_ckpt``. Each model is evaluated on the test split (``evaluate.json``). The script writes
 ``<out>/results.md`` (mean ± sample std over seeds of the per-class and mean Dice, the raw value of every loss term at
 the first iteration of seed 0, wall time per epoch), ``<out>/results.json`` and ``<out>/chart.png`` (mean Dice
 bars with ± std whiskers). Runs whose model and timing already exist under ``<out>`` are reused, so an interrupted
@@ -32,7 +35,7 @@ from medkd.data.demo import LABELS
 from medkd.demo import _ensure_data, _run_bundle, _summary, bundles_dir, first_iteration_scalars
 
 SUPERVISED = "supervised_segmentation"
-STAGES = ("pretrain_paraphraser.json",)
+STAGES = ("pretrain_paraphraser.json",)  # per-run stages; a train_teacher.json stage runs once (the teacher)
 
 
 def _list(value) -> list[str]:
@@ -85,6 +88,7 @@ def chart(rows: list[tuple[str, float, float]], path: Path, title: str) -> None:
 
 def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,1,2", epochs: int = 30,
          out: str = "results/compare", teacher_ckpt: str | None = None, baseline: bool = True,
+         baseline_recipe: str | None = None,
          data_dir: str = "data/demo2d", subjects: int = 12, title: str | None = None) -> Path:
     start = time.time()
     out_dir = Path(out).resolve()
@@ -99,9 +103,9 @@ def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,
     timings_file = out_dir / "timings.json"
     timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
 
-    def train(key: str, bundle_name: str, configs: list[str], overrides: dict) -> None:
+    def train(key: str, bundle_name: str, configs: list[str], overrides: dict, product: str = "model.pt") -> None:
         ckpt = out_dir / key
-        if (ckpt / "model.pt").is_file() and key in timings:
+        if (ckpt / product).is_file() and key in timings:
             print(f"[{key}] reusing {ckpt / 'model.pt'}", flush=True)
             return
         dirs = {"ckpt_dir": ckpt, "output_dir": ckpt / "eval"}
@@ -121,14 +125,25 @@ def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,
         return _summary(test_dir, "val_mean_dice")
 
     extra: dict = {}
+    teacher_eval = None
     if "teacher_def" in train_cfg:
-        if teacher_ckpt is None:
+        if teacher_ckpt is None and (root / "configs" / "train_teacher.json").is_file():
+            train("teacher", bundle, ["train.json", "train_teacher.json"], {"seed": 0}, product="teacher.pt")
+            teacher_ckpt = str(out_dir / "teacher" / "teacher.pt")
+            teacher_dir = out_dir / "teacher" / "as_model"  # evaluated by the supervised bundle as its network_def
+            teacher_dir.mkdir(exist_ok=True)
+            (teacher_dir / "model.pt").write_bytes(Path(teacher_ckpt).read_bytes())
+            teacher_eval = ("teacher/as_model", {"network_def": f"%{root / 'configs' / 'train.json'}#teacher_def"})
+        elif teacher_ckpt is None:
             train("teacher", SUPERVISED, ["train.json"], {"seed": 0})
             teacher_ckpt = str(out_dir / "teacher" / "model.pt")
+            teacher_eval = ("teacher", {})
         extra["teacher_ckpt"] = teacher_ckpt
     student_def = f"%{root / 'configs' / 'train.json'}#network_def"
     runs: dict[str, tuple[str, list[str], dict]] = {}
-    if baseline:
+    if baseline and baseline_recipe:
+        runs["without KD"] = (bundle, ["train.json", _recipe_path(bundle, baseline_recipe)], {})
+    elif baseline:
         runs["without KD"] = (SUPERVISED, ["train.json"], {"network_def": student_def})
     for name, path in paths.items():
         runs[name] = (bundle, ["train.json"] + ([path] if path else []), extra)
@@ -139,10 +154,7 @@ def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,
             key = f"{name.replace(' ', '_')}/seed{seed}"
             train(key, bundle_name, configs, {**overrides, "seed": seed})
             scores[name].append(evaluate(key, bundle_name, configs, overrides))
-    if "teacher" in timings:
-        scores_teacher = evaluate("teacher", SUPERVISED, ["train.json"], {})
-    else:
-        scores_teacher = None
+    scores_teacher = evaluate(teacher_eval[0], SUPERVISED, ["train.json"], teacher_eval[1]) if teacher_eval else None
 
     labels = {f"class{int(k) - 1}": v for k, v in LABELS.items() if k != "0"}
     keys = [*labels, "mean"]
@@ -169,8 +181,8 @@ def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,
         results["teacher"] = scores_teacher
 
     first = {}
-    for name, (bundle_name, _, _) in runs.items():
-        if bundle_name == bundle:
+    for name, (bundle_name, configs, _) in runs.items():
+        if bundle_name == bundle and name != "without KD":
             first[name] = first_iteration_scalars(logs / f"train_{name.replace(' ', '_')}_seed{seed_list[0]}.log")
     terms = sorted({k for v in first.values() for k in v if k.startswith("raw_") or k == "loss_task"})
     mag = ["| raw value at iteration 1 (seed " + str(seed_list[0]) + ") | " + " | ".join(first) + " |",
