@@ -12,7 +12,7 @@ Every step is a ``python -m monai.bundle run`` (logs in ``<out>/logs``). For eac
   that recipe (e.g. MTMS-CKD's ``no_kd.json``: same data fraction, no terms, no teacher); none with
   ``--baseline False``;
 - every recipe: ``train.json`` (``default``) or ``train.json`` + the recipe file (a path relative to the bundle's
-  ``configs/`` or absolute), with ``seed`` overridden; a bundle with a paraphraser stage runs it first.
+  ``configs/`` or absolute; several files joined with ``+`` are applied in order), with ``seed`` overridden; a bundle with a paraphraser stage runs it first.
 
 A bundle that reads a teacher gets one trained once (seed 0) by its own ``train_teacher.json`` stage when it has
 one, else by the supervised bundle, on the same data; or ``--teacher_ckpt``. Each model is evaluated on the test split (``evaluate.json``). The script writes
@@ -45,16 +45,22 @@ def _list(value) -> list[str]:
 
 
 def _recipe_name(recipe: str) -> str:
-    return "default" if recipe == "default" else Path(recipe).stem
+    return "default" if recipe == "default" else "+".join(Path(r).stem for r in recipe.split("+"))
 
 
-def _recipe_path(bundle: str, recipe: str) -> str:
-    path = Path(recipe)
-    if not path.is_absolute():
-        path = bundles_dir() / bundle / "configs" / recipe
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe not found: {path}")
-    return str(path)
+def _recipe_paths(bundle: str, recipe: str) -> list[str]:
+    """The config files of a recipe entry: ``default`` (none), one file, or several joined with ``+``."""
+    if recipe == "default":
+        return []
+    paths = []
+    for part in recipe.split("+"):
+        path = Path(part)
+        if not path.is_absolute():
+            path = bundles_dir() / bundle / "configs" / part
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        paths.append(str(path))
+    return paths
 
 
 def chart(rows: list[tuple[str, float, float]], path: Path, title: str) -> None:
@@ -98,7 +104,7 @@ def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,
     root = bundles_dir() / bundle
     train_cfg = json.loads((root / "configs" / "train.json").read_text())
     recipe_list, seed_list = _list(recipes), [int(s) for s in _list(seeds)]
-    paths = {_recipe_name(r): (None if r == "default" else _recipe_path(bundle, r)) for r in recipe_list}
+    paths = {_recipe_name(r): _recipe_paths(bundle, r) for r in recipe_list}
     common = {"dataset_dir": datalist.parent, "epochs": epochs, "num_workers": 0, "resume": False}
     timings_file = out_dir / "timings.json"
     timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
@@ -142,11 +148,11 @@ def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,
     student_def = f"%{root / 'configs' / 'train.json'}#network_def"
     runs: dict[str, tuple[str, list[str], dict]] = {}
     if baseline and baseline_recipe:
-        runs["without KD"] = (bundle, ["train.json", _recipe_path(bundle, baseline_recipe)], {})
+        runs["without KD"] = (bundle, ["train.json", *_recipe_paths(bundle, baseline_recipe)], {})
     elif baseline:
         runs["without KD"] = (SUPERVISED, ["train.json"], {"network_def": student_def})
     for name, path in paths.items():
-        runs[name] = (bundle, ["train.json"] + ([path] if path else []), extra)
+        runs[name] = (bundle, ["train.json", *path], extra)
 
     scores: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for seed in seed_list:

@@ -8,7 +8,8 @@ same epochs, optimiser, schedule, augmentation and seed; the labelled subset is 
 pseudo-subjects (``medkd.data.split_labelled``) in every run:
 
 1. teacher: supervised bundle + ``labelled_subset.json`` (the teacher sees the labelled subset only);
-2. student without KD: the same, with the Graph Flow bundle's student ``network_def``;
+2. student without KD: the same, with the Graph Flow bundle's student ``network_def``; and a control with as many
+   optimiser steps and labelled samples as run 4 makes (half batches, proportionally more epochs);
 3. Graph Flow, labelled only: paraphrasers pretrained on the labelled images, then ``train.json`` +
    the supervised bundle's ``labelled_subset.json`` recipe;
 4. Graph Flow, labelled + unlabelled: paraphrasers pretrained on all training images (labels unused), then
@@ -23,11 +24,13 @@ raw (unweighted) value at the first iteration of both Graph Flow runs, read from
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import fire
 
+from medkd.data import load_datalist, split_labelled
 from medkd.data.demo import LABELS
 from medkd.demo import _ensure_data, _run_bundle, _summary, bundles_dir, first_iteration_scalars
 
@@ -45,10 +48,19 @@ def main(out: str = "graph_flow_demo", fraction: float = 0.2, epochs: int = 30, 
     common = {"dataset_dir": datalist.parent, "epochs": epochs, "num_workers": 0, "resume": False, "seed": seed,
               "labelled_fraction": fraction}
     teacher_ckpt = out_dir / "teacher" / "model.pt"
+    # the semi-supervised run makes more optimiser steps per epoch (its epoch walks the unlabelled set, half a batch of
+    # each kind): a no-KD control gets the same number of steps and labelled samples (half batches, more epochs)
+    batch = json.loads((bundles_dir() / gf / "configs" / "train.json").read_text())["batch_size"]
+    split = split_labelled(load_datalist(datalist, "training"), fraction, seed)
+    half = max(1, batch // 2)
+    semi_steps = math.ceil(max(len(split["labelled"]), len(split["unlabelled"])) / half)
+    matched_epochs = round(epochs * semi_steps / math.ceil(len(split["labelled"]) / half))
     # name: (bundle, configs, extra overrides, paraphraser-stage configs or None)
     runs = {
         "teacher": (sup, ["train.json", subset], {}, None),
         "baseline": (sup, ["train.json", subset], {"network_def": student_def}, None),
+        "baseline_matched": (sup, ["train.json", subset], {"network_def": student_def, "batch_size": half,
+                                                            "epochs": matched_epochs}, None),
         "gf_labelled": (gf, ["train.json", subset], {"teacher_ckpt": teacher_ckpt},
                         ["train.json", subset, "pretrain_paraphraser.json"]),
         "gf_semi": (gf, ["train.json", semi], {"teacher_ckpt": teacher_ckpt},
@@ -78,6 +90,8 @@ def main(out: str = "graph_flow_demo", fraction: float = 0.2, epochs: int = 30, 
 
     labels = {f"class{int(k) - 1}": v for k, v in LABELS.items() if k != "0"}
     titles = {"teacher": "teacher (labelled subset only)", "baseline": "student without KD (labelled subset)",
+              "baseline_matched": f"student without KD, labelled subset, {matched_epochs} epochs of batch {half} "
+                                  "(the semi-supervised run's steps)",
               "gf_labelled": "student with Graph Flow, labelled only",
               "gf_semi": "student with Graph Flow, labelled + unlabelled"}
     header = "| model | " + " | ".join(f"Dice {v}" for v in labels.values()) + " | mean Dice | HD95 (voxels) | training time (s) |"
