@@ -373,3 +373,17 @@ def test_mtms_stages_teacher_recon_and_projections(trained):
     infer = workflow("mtms_ckd_segmentation", ["inference.json"], workflow_type="infer")
     net = infer.parser.get_parsed_content("network_def")
     assert type(net).__name__ == "SmallUNet" and len(net.decoders) == 1  # no reconstruction decoder at inference
+
+
+@pytest.mark.parametrize("bundle", [b for b in BUNDLE_NAMES if b != "supervised_segmentation"])
+def test_every_kd_bundle_shares_the_baseline_schedule(bundle):
+    """The no-KD baseline of every bundle is the supervised bundle (or, for MTMS-CKD, the bundle's own no_kd recipe)
+    with the same schedule: optimiser, learning rate, epochs, batch size, augmentation, validation and seed."""
+    sup = json.loads(Path(cfg("supervised_segmentation", "train.json")).read_text())
+    kd = json.loads(Path(cfg(bundle, "train.json")).read_text())
+    for key in ("epochs", "learning_rate", "batch_size", "val_interval", "roi_size", "seed", "lr_scheduler", "loss"):
+        assert kd[key] == sup[key], f"'{key}' differs between the supervised bundle and {bundle}"
+    assert kd["optimizer"]["_target_"] == sup["optimizer"]["_target_"]
+    for key in ("deterministic_transforms", "random_transforms", "postprocessing"):
+        assert kd["train"][key] == sup["train"][key], f"train#{key} differs in {bundle}"
+    assert kd["validate"]["inferer"] == sup["validate"]["inferer"]
