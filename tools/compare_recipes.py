@@ -182,7 +182,7 @@ def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,
         std = statistics.stdev(per_key["mean"]) if len(seed_list) > 1 else 0.0
         bars.append((name, statistics.fmean(per_key["mean"]), std))
     if scores_teacher is not None:
-        lines.append("| teacher (supervised, seed 0) | " + " | ".join(f"{scores_teacher[k]:.4f}" for k in labels)
+        lines.append("| teacher (seed 0) | " + " | ".join(f"{scores_teacher[k]:.4f}" for k in labels)
                      + f" | {scores_teacher['mean']:.4f} | {timings['teacher'] / epochs:.2f} |")
         results["teacher"] = scores_teacher
 
