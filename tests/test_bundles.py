@@ -295,6 +295,8 @@ def test_every_2d_recipe_trains_an_epoch(bundle, recipe, tiny2d, teacher_2d, tmp
     wf = run_workflow(bundle, ["train.json", f"recipes/{recipe}"], dataset_dir=str(tiny2d), ckpt_dir=str(out),
                       output_dir=str(out / "eval"), **overrides)
     assert (out / "model.pt").is_file()
+    saved = set(torch.load(out / "model.pt", weights_only=True))
+    assert saved == set(wf.parser.get_parsed_content("network_def").state_dict())  # no adapter, head or teacher
     for key, value in recipe_keys.items():
         if key.startswith("_") or key in overrides or key == "dataset_dir":
             continue
