@@ -98,6 +98,8 @@ class AdversarialTemperatureKD(nn.Module):
     :class:`LearnableTemperature` (gradient reversal: the temperature is trained to *raise* this loss while the
     student lowers it). The teacher logits are detached (in ACW-SKD: the class-wise branch's logits teach the
     main head). The current ``tau`` is reported through :attr:`extra_scalars` (logged as ``raw_<term>_tau``).
+    (Not :class:`PredictionMapDistillation`: that one builds the teacher side without a graph, but here ``tau``
+    needs its gradient through both softmaxes.)
 
     Args:
         temperature: a :class:`LearnableTemperature` (default: CTKD's settings).
