@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -247,27 +248,72 @@ def test_3d_recipe_trains(bundle, tiny3d, tmp_path):
     assert any(v.ndim == 5 for v in state.values())  # 3D convolution kernels
 
 
+# Loaded at interpreter start-up in every torchrun worker (PYTHONPATH): records, per rank, every file the process
+# opens for writing, renames or removes under WATCH (Python audit events), and writes the list at exit.
+WRITE_AUDIT = """
+import atexit, json, os, sys
+_watch, _log, _rank = os.environ.get("MEDKD_AUDIT_WATCH"), os.environ.get("MEDKD_AUDIT_LOG"), os.environ.get("RANK")
+if _watch and _log and _rank is not None:
+    _seen = []
+    _writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    def _hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if (mode and any(c in mode for c in "wax+")) or (not mode and isinstance(flags, int) and flags & _writing):
+                _seen.append(str(path))
+        elif event == "os.rename":  # also raised by os.replace: (src, dst, ...)
+            _seen.extend([str(args[0]), str(args[1])])
+        elif event == "os.remove":  # also raised by os.unlink
+            _seen.append(str(args[0]))
+    sys.addaudithook(_hook)
+    def _dump():
+        with open(os.path.join(_log, f"rank{_rank}.json"), "w") as f:
+            json.dump(sorted({p for p in _seen if os.path.abspath(p).startswith(_watch)}), f)
+    atexit.register(_dump)
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_multi_gpu_config_under_torchrun_on_cpu(bundle, tiny2d, teacher_2d, tmp_path):
-    """multi_gpu_train.json with 2 processes (gloo on CPU): DDP-wrapped Distiller, rank-0 checkpoints."""
+    """multi_gpu_train.json with 2 processes (gloo on CPU): the data split over the ranks, rank 0 alone writes files."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", "--config_file", str([cfg(bundle, "train.json"), cfg(bundle, "multi_gpu_train.json")]),
+    # batch 1 gives several steps per epoch on the tiny data; contrastive terms need 2 samples (in-batch negatives)
+    batch, epochs, world = (2 if bundle == "mtms_ckd_segmentation" else 1), 2, 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={world}", "-m",
+           "monai.bundle", "run", "--config_file", str([cfg(bundle, "train.json"), cfg(bundle, "multi_gpu_train.json")]),
            "--bundle_root", str(BUNDLES / bundle), "--dataset_dir", str(tiny2d), "--ckpt_dir", str(out),
-           "--output_dir", str(out / "eval"), "--roi_size", "[48,64]", "--epochs", "2", "--batch_size", "2", "--val_interval", "1"]
+           "--output_dir", str(out / "eval"), "--roi_size", "[48,64]", "--epochs", str(epochs), "--batch_size", str(batch),
+           "--val_interval", "1"]
     for key, value in kd_overrides(bundle, teacher_2d).items():
         cmd += [f"--{key}", value]
-    for stage in stages_of(bundle):  # earlier stages (paraphrasers) write their files into the same ckpt_dir
+    for stage in stages_of(bundle):  # earlier stages (paraphrasers, teacher, ...) write their files into the same ckpt_dir
         run_workflow(bundle, ["train.json", stage], check=False, dataset_dir=str(tiny2d), ckpt_dir=str(out),
                      output_dir=str(out / "eval"), teacher_ckpt=str(teacher_2d), **TINY_2D, **STAGES[stage])
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    (audit / "sitecustomize.py").write_text(WRITE_AUDIT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")])),
+           "MEDKD_AUDIT_WATCH": str(out.resolve()), "MEDKD_AUDIT_LOG": str(audit)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
     wf = workflow(bundle, ["inference.json"], workflow_type="infer")
     student = wf.parser.get_parsed_content("network_def")
     student.load_state_dict(torch.load(out / "model.pt", weights_only=True))  # strict: the bare student, no "module."
+    # optimiser steps per epoch: the DistributedSampler (even_divisible) gives each rank ceil(n / world) items
+    parser = ConfigParser()
+    parser.read_config(cfg(bundle, "train.json"))
+    parser.update({"dataset_dir": str(tiny2d), "bundle_root": str(BUNDLES / bundle)})
+    n_train = len(parser.get_parsed_content("train#dataset#data"))
+    expected_steps = math.ceil(math.ceil(n_train / world) / batch)
     state = torch.load(out / "train_state.pt", weights_only=True)
-    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
+    assert state["trainer"]["epoch_length"] == expected_steps, (n_train, state["trainer"])
+    assert state["trainer"]["iteration"] == epochs * expected_steps
+    # only rank 0 wrote under the output folders (model, training state, TensorBoard, logs)
+    written = {r: json.loads((audit / f"rank{r}.json").read_text()) for r in range(world)}
+    assert any(p.endswith("model.pt") for p in written[0]) and any(p.endswith("train_state.pt") for p in written[0])
+    assert written[1] == [], written[1]
 
 
 RECIPES = sorted(

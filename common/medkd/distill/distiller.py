@@ -42,6 +42,10 @@ class Distiller(nn.Module):
         student_taps / teacher_taps: feature name -> tap spec; a name used by a term but absent here is taken
             as the tap spec itself (an alias such as ``low`` or a dotted module path).
 
+    The teacher is not a registered sub-module (``distiller.teacher`` is a plain reference): wrapping the Distiller
+    in ``DistributedDataParallel`` wraps the student and the term adapters only, and the Distiller's ``to()`` does
+    not move the teacher (place it on the device before passing it in).
+
     Semi-supervised batches: ``labelled`` (B,) bool marks samples with a label; the task loss and every term
     that reads ``label`` see only those samples, the other terms see the whole batch.
     """
@@ -76,12 +80,14 @@ class Distiller(nn.Module):
             users = [t.name for t in terms if any(k.startswith("t.") for k in t.inputs)]
             raise ValueError(f"KD terms {users} read teacher features but no teacher was given")
 
-        self.teacher: TeacherSource | None
-        if teacher is None or isinstance(teacher, TeacherSource):
-            self.teacher = teacher
-        else:
+        if teacher is not None and not isinstance(teacher, TeacherSource):
             taps = {n: (teacher_taps or {}).get(n, n) for n in sorted(needed["t"])}
-            self.teacher = LiveTeacher(teacher, teacher_ckpt, taps)
+            teacher = LiveTeacher(teacher, teacher_ckpt, taps)
+        # Held by reference, not registered as a sub-module: DistributedDataParallel (which wraps this module in the
+        # multi-GPU configs) never sees the frozen teacher (no buffer broadcasts of its BatchNorm statistics), and
+        # ``to()``/``state_dict()`` of the Distiller cover what is trained only. The bundles place the teacher on the
+        # device themselves.
+        object.__setattr__(self, "teacher", teacher)
         self.uses_teacher = uses_teacher
         self.student_taps = FeatureTaps(
             student, {n: (student_taps or {}).get(n, n) for n in sorted(needed["s"])}, role="student"

@@ -6,7 +6,7 @@ from medkd.engines.handlers import AtomicCheckpointSaver, ProgressBar, TermSched
 from medkd.engines.paraphraser import ParaphraserSaver, ParaphraserTrainer
 from medkd.engines.protocols import PROTOCOL_OPTIONS, ProtocolSaver, needs_probabilities
 from medkd.engines.schedules import PiecewisePolyLR
-from medkd.engines.trainer import AdversaryStep, KDTrainer
+from medkd.engines.trainer import AdversaryStep, KDTrainer, mean_across_ranks
 
 __all__ = [
     "AdversaryStep",
@@ -22,5 +22,6 @@ __all__ = [
     "TrainingState",
     "WGANGPStep",
     "loss_scalars",
+    "mean_across_ranks",
     "needs_probabilities",
 ]

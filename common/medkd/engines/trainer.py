@@ -12,7 +12,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from medkd.distill import Distiller
 
-__all__ = ["KDTrainer", "AdversaryStep"]
+__all__ = ["KDTrainer", "AdversaryStep", "mean_across_ranks"]
 
 
 def amp_enabled(engine: SupervisedTrainer) -> bool:
@@ -31,6 +31,23 @@ def backward_and_step(engine: SupervisedTrainer, loss: torch.Tensor, use_amp: bo
         loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
+
+
+def mean_across_ranks(scalars: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mean of each scalar over the ranks of the default process group (one all-reduce for all of them).
+
+    Without an initialised process group (or with one rank) the values come back unchanged. Every rank must call
+    it with the same keys (the KD trainer does, every iteration), as for any collective.
+    """
+    dist = torch.distributed
+    if not scalars or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return scalars
+    keys = sorted(scalars)
+    device = scalars[keys[0]].device
+    packed = torch.stack([scalars[k].detach().to(device=device, dtype=torch.float32).reshape(()) for k in keys])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    packed /= dist.get_world_size()
+    return dict(zip(keys, packed.unbind(0)))
 
 
 class AdversaryStep:
@@ -60,7 +77,8 @@ class KDTrainer(SupervisedTrainer):
     checkpoints, export and MONAI Label use. Each iteration: teacher forward (no grad) -> student forward with
     taps -> task loss + terms -> backward -> optimiser step -> adversary steps. ``engine.state.output`` holds
     ``image``, ``label``, ``pred`` (student logits) and the scalars ``loss``, ``loss_task``, ``loss_<term>``
-    (weighted), ``raw_<term>`` (unweighted) and whatever the adversaries return. A non-finite loss stops
+    (weighted), ``raw_<term>`` (unweighted) and whatever the adversaries return, each averaged over the ranks when
+    a process group is initialised (DDP), so rank 0's logs show the global values. A non-finite loss stops
     training with an error naming the term (the last saved checkpoint is kept). AMP applies on CUDA devices.
 
     Args:
@@ -109,7 +127,8 @@ class KDTrainer(SupervisedTrainer):
         for adversary in self.adversaries:
             out.update(adversary.step(engine, features))
         del features
-        engine.state.output.update({k: v.detach() for k, v in out.items() if k.startswith(("loss", "raw_"))})
+        # logged scalars: the mean over the ranks under DDP (the gradients are averaged the same way)
+        engine.state.output.update(mean_across_ranks({k: v.detach() for k, v in out.items() if k.startswith(("loss", "raw_"))}))
         engine.state.output[Keys.PRED] = out["pred"].detach()
         if labelled is not None:  # training metrics see labelled samples only (the others carry placeholder labels)
             mask = torch.as_tensor(labelled, dtype=torch.bool, device=out["pred"].device).view(-1)
