@@ -12,6 +12,7 @@ from medkd.losses.baselines import (
     PairwiseSimilarity,
 )
 from medkd.losses.contrastive import BinaryLogitKD, ContrastiveDistillation, SupervisedContrastiveDistillation, info_nce
+from medkd.losses.gkd import ContrastiveGraphDistillation
 from medkd.losses.graph import CrossLayerSimilarity, GraphFlowEdges, GraphFlowVertices, flow_matrix
 from medkd.losses.logits import PredictionMapDistillation
 from medkd.losses.region import RegionAffinityDistillation, region_affinities, region_centroids
@@ -46,6 +47,7 @@ __all__ = [
     "cosine_ramp",
     "grad_reverse",
     "AdversarialGeneratorLoss",
+    "ContrastiveGraphDistillation",
     "CrossLayerSimilarity",
     "GraphFlowEdges",
     "GraphFlowVertices",

@@ -5,9 +5,11 @@ Students: :class:`ENet`, :class:`ERFNet`, :class:`ESPNet`, :class:`MobileNetV2UN
 :class:`SmallUNet` (MTMS-CKD's S1 / S2). Teachers: :class:`FANet`, :class:`RAUNet`, :class:`PSPNet`,
 :class:`MultiTaskUNet` (MTMS-CKD's T1). Every one returns logits and names its KD taps in ``tap_points``;
 MONAI's UNet, BasicUNet, SegResNet and SwinUNETR get theirs from :data:`ALIAS_TABLES`. Adapter:
-:class:`Paraphraser` (Graph Flow's teacher-side autoencoder).
+:class:`Paraphraser` (Graph Flow's teacher-side autoencoder). GKD's alignment networks: :class:`AlignmentNetwork`
+(MSAN) and :class:`SemanticAutoEncoder` (P-SAE).
 """
 
+from medkd.networks.alignment import AlignmentNetwork, SemanticAutoEncoder
 from medkd.networks.enet import ENet
 from medkd.networks.erfnet import ERFNet
 from medkd.networks.espnet import ESPNet
@@ -21,6 +23,6 @@ from medkd.networks.weights import load_weights
 
 __all__ = [
     "ENet", "ERFNet", "ESPNet", "FANet", "MobileNetV2Seg", "MobileNetV2UNet", "MultiTaskUNet", "PSPNet", "RAUNet",
-    "Paraphraser", "ResNet18Seg", "SmallUNet",
+    "Paraphraser", "ResNet18Seg", "SmallUNet", "AlignmentNetwork", "SemanticAutoEncoder",
     "ALIAS_TABLES", "register_tap_aliases", "resolve_tap", "tap_points_of", "load_weights",
 ]
