@@ -26,6 +26,31 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     assert digest(a) != digest(c)
 
 
+# SHA-256 over the sorted (relative path, bytes) of two small clean demo datasets, recorded with the generator as it
+# was before the domain-shift option existed (commit 71355f5; numpy 2.4.6, scipy 1.17.1, nibabel 5.4.2, nilearn's
+# MNI152 2009a files): the default output must stay byte-identical. Re-record only if a numpy/scipy/nibabel upgrade
+# changes the floating-point results (then every other output changes too).
+CLEAN_DEMO_SHA256 = {
+    "2d": "30f88507636d6e30c307539bc67bd7167806aa345f20ac2f5eb7a4a1bf3d0f1b",
+    "3d": "6ac6202ea542fabb82e693b0f4fab7cb9a8e2bac4e8e6daada9cc7bb8ef347fc",
+}
+
+
+def tree_sha256(folder) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_demo_output_is_unchanged(tmp_path):
+    two = prepare_demo(tmp_path / "2d", subjects=3, seed=5, dims=2, spacing=8.0, slices_per_subject=2).parent
+    three = prepare_demo(tmp_path / "3d", subjects=3, seed=3, dims=3, spacing=8.0).parent
+    assert {"2d": tree_sha256(two), "3d": tree_sha256(three)} == CLEAN_DEMO_SHA256
+
+
 def test_demo_2d_layout_labels_and_splits(tiny2d):
     data = json.loads((tiny2d / "datalist.json").read_text())
     assert data["labels"] == {"0": "background", "1": "grey matter", "2": "white matter"}

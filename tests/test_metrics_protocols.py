@@ -312,3 +312,24 @@ def test_write_results(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["emkd_per_case.csv", "emkd_summary.csv"]
     with pytest.raises(ValueError, match="no rows"):
         write_results([], tmp_path, "x")
+
+
+def test_write_results_with_groups(tmp_path):
+    rows = [
+        {"domain": "clean", "case": "a", "dice": 0.5},
+        {"domain": "clean", "case": "b", "dice": 1.0},
+        {"case": "a", "dice": 0.2, "domain": "shift"},
+    ]
+    per_case, summary = write_results(rows, tmp_path, "gkd", group_key="domain")
+    with open(per_case) as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["domain", "case", "dice"] and [r["domain"] for r in table] == ["clean", "clean", "shift"]
+    with open(summary) as f:
+        stats = list(csv.DictReader(f))
+    # one block per group, each over its own rows: clean mean 0.75, std 0.25; shift 0.2, std 0
+    assert [(r["domain"], r["metric"], float(r["mean"]), float(r["std"]), r["n"]) for r in stats] == [
+        ("clean", "dice", 0.75, 0.25, "2"),
+        ("shift", "dice", pytest.approx(0.2), 0.0, "1"),
+    ]
+    with pytest.raises(ValueError, match=r"group_key 'domain': rows \[0\] do not have it"):
+        write_results([{"case": "x", "dice": 1.0}], tmp_path, "y", group_key="domain")

@@ -1,10 +1,10 @@
 """Data: datalists and their checks, the embedded demo dataset, semi-supervised batches, dataset converters."""
 
-from medkd.data.datalist import check_datalist, image_shape, load_datalist, read_label
+from medkd.data.datalist import check_datalist, image_shape, load_datalist, load_domains, read_label
 from medkd.data.demo import DemoConfig, prepare_demo
 from medkd.data.semi import MarkLabelledd, SemiSupervisedDataset, split_labelled
 
 __all__ = [
     "DemoConfig", "MarkLabelledd", "SemiSupervisedDataset", "check_datalist", "image_shape", "load_datalist",
-    "prepare_demo", "read_label", "split_labelled",
+    "load_domains", "prepare_demo", "read_label", "split_labelled",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImage
 
-__all__ = ["load_datalist", "check_datalist", "image_shape", "read_label"]
+__all__ = ["load_datalist", "load_domains", "check_datalist", "image_shape", "read_label"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".img", ".hdr")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
@@ -25,7 +26,8 @@ PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".ppm"
 def load_datalist(path: str | os.PathLike, key: str = "training", base_dir: str | os.PathLike | None = None) -> list[dict]:
     """Entries of ``key`` in the datalist JSON at ``path``, with relative paths joined to ``base_dir``.
 
-    ``base_dir`` defaults to the datalist's folder. Errors name the file and the missing key.
+    ``base_dir`` defaults to the datalist's folder. Errors name the file and the missing key. An empty list gives
+    ``[]``.
     """
     path = Path(path)
     if not path.is_file():
@@ -34,8 +36,67 @@ def load_datalist(path: str | os.PathLike, key: str = "training", base_dir: str 
         content = json.load(f)
     if key not in content:
         raise KeyError(f"datalist {path} has no '{key}' list; it has {sorted(k for k, v in content.items() if isinstance(v, list))}")
+    if not content[key]:  # MONAI's loader fails on an empty "test" list
+        return []
     return load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=key, base_dir=str(base_dir or path.parent))
 
+
+
+def load_domains(
+    domains: Mapping[str, str | os.PathLike], split: str = "test", key: str = "domain"
+) -> list[dict]:
+    """The ``split`` entries of several datasets ("domains"), concatenated for one cross-domain evaluation run.
+
+    Each domain is read as :func:`load_datalist` reads one dataset (relative paths joined to the datalist's folder).
+    Every entry is tagged with ``entry[key] = name`` (what :class:`medkd.engines.ProtocolSaver` groups by with
+    ``group_key=key``), and its ``case`` id, when it has one, becomes ``"<name>:<case>"``, so that case ids are unique
+    across domains (two datasets written by ``python -m medkd prepare`` may both have a ``sub-000``). Entries
+    without ``case`` keep none (the evaluation names them by their image file). The result is a plain list of
+    dicts, so :func:`check_datalist` checks it like any other datalist.
+
+    Example (in a bundle's evaluate config: train on one domain, test on it and on a shifted copy)::
+
+        "$medkd.data.check_datalist(medkd.data.load_domains({'clean': @dataset_dir, 'shift': 'data/demo2d_shift'},
+         @eval_split), @num_classes)"
+
+    Args:
+        domains: domain name -> dataset folder holding ``datalist.json``, or the path of a datalist file; entries
+            keep the mapping's order.
+        split: the datalist list to read from every domain (``"test"``, ``"validation"``, ...).
+        key: the entry key that receives the domain name.
+
+    Raises:
+        ValueError: no domain, a bad domain name or key, or an empty ``split`` in a domain.
+        FileNotFoundError / KeyError: a domain whose folder or datalist is missing or lacks ``split``, naming it.
+    """
+    if not isinstance(domains, Mapping) or not domains:
+        raise ValueError(f"domains must be a non-empty mapping of domain name -> dataset folder, got {domains!r}")
+    if not (isinstance(key, str) and key) or key in ("image", "label", "case"):
+        raise ValueError(f"key must be an entry key other than 'image', 'label' and 'case', got {key!r}")
+    items: list[dict] = []
+    for name, source in domains.items():
+        if not (isinstance(name, str) and name) or ":" in name:
+            raise ValueError(f"domain names must be non-empty strings without ':', got {name!r}")
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"domain {name!r}: {path} does not exist (expected a dataset folder or a datalist file)"
+            )
+        datalist = path / "datalist.json" if path.is_dir() else path
+        try:
+            entries = load_datalist(datalist, split)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"domain {name!r}: {e}") from e
+        except KeyError as e:
+            raise KeyError(f"domain {name!r}: {e.args[0]}") from e
+        if not entries:
+            raise ValueError(f"domain {name!r}: the '{split}' list of {datalist} is empty")
+        for entry in entries:
+            entry[key] = name
+            if entry.get("case") is not None:
+                entry["case"] = f"{name}:{entry['case']}"
+        items += entries
+    return items
 
 def _suffix(path: str) -> str:
     name = str(path).lower()

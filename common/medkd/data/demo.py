@@ -8,6 +8,10 @@ included), 1 grey matter, 2 white matter.
 
 Nothing is downloaded: the three template files are read from the installed ``nilearn`` package (without
 importing it). Output is NIfTI plus an MSD-style datalist; the same arguments give byte-identical files.
+
+A **domain-shifted** copy (``shift``, :class:`DomainShift`) keeps the anatomy, labels and splits of the same seed and
+changes only the appearance: a stronger bias field, another tissue contrast and Rician instead of Gaussian noise, a
+second "scanner" for cross-domain evaluation (train on the clean data, test on both).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from scipy import ndimage
 
 from medkd.io import atomic_write_bytes
 
-__all__ = ["DemoConfig", "LABELS", "prepare_demo", "template_paths"]
+__all__ = ["DemoConfig", "DomainShift", "LABELS", "SHIFT_PRESETS", "prepare_demo", "template_paths"]
 
 LABELS = {"0": "background", "1": "grey matter", "2": "white matter"}
 TEMPLATE_FILES = {
@@ -59,6 +63,80 @@ class DemoConfig:
     contrast: float = 0.08  # std of a global gamma jitter (log scale)
     noise: float = 0.03  # std of additive Gaussian noise, relative to the white-matter intensity
     min_brain_fraction: float = 0.15  # 2D: keep axial slices whose brain share of the FOV is at least this
+
+
+#: Named shift strengths for ``prepare_demo(shift=...)`` / ``python -m medkd prepare demo --shift NAME``.
+SHIFT_PRESETS = {"none": 0.0, "mild": 0.5, "strong": 1.0}
+
+
+@dataclass(frozen=True)
+class DomainShift:
+    """The appearance of a domain-shifted demo dataset ("another scanner"), at a strength ``s >= 0``.
+
+    Anatomy, labels, subject split and slice choice are those of the clean data of the same seed (the random draws
+    that make them are unchanged); per subject only the appearance changes, relative to :class:`DemoConfig`:
+
+    - **bias field**: the log bias field (same smooth random pattern) is ``bias_gain = 1 + s`` times stronger
+      (std 0.15 -> 0.30 at ``s = 1``);
+    - **tissue contrast**: an intensity-transfer curve ``I -> I ** tissue_gamma``, ``tissue_gamma = 1 / (1 + s / 2)``
+      (applied with the subject's own gamma jitter, before the bias field) lifts the darker tissues towards white
+      matter: the grey/white-matter intensity ratio goes from about 0.79 to about 0.85 at ``s = 1``, and its
+      inverse cannot be undone by the per-image intensity normalisation of the bundles;
+    - **noise**: Rician (the magnitude of a complex signal with Gaussian noise in both channels) with ``noise_gain =
+      1 + s`` times the clean Gaussian std (0.03 -> 0.06 at ``s = 1``), so the background is no longer zero-mean.
+
+    ``s = 0`` is the clean data. Presets: :data:`SHIFT_PRESETS` (``mild`` 0.5, ``strong`` 1.0).
+    """
+
+    strength: float
+
+    def __post_init__(self) -> None:
+        s = self.strength
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+            raise ValueError(f"the shift strength must be a finite number >= 0, got {s!r}")
+
+    @classmethod
+    def parse(cls, shift: str | float | None) -> DomainShift | None:
+        """``None``, a preset name (:data:`SHIFT_PRESETS`) or a strength; None when there is no shift."""
+        if shift is None:
+            return None
+        if isinstance(shift, str):
+            name = shift.strip().lower()
+            if name not in SHIFT_PRESETS:
+                try:
+                    strength = float(name)
+                except ValueError:
+                    raise ValueError(
+                        f"unknown demo shift {shift!r}; use one of {sorted(SHIFT_PRESETS)} or a strength >= 0"
+                    ) from None
+            else:
+                strength = SHIFT_PRESETS[name]
+        else:
+            strength = shift
+        out = cls(strength)
+        return out if out.strength > 0 else None
+
+    @property
+    def bias_gain(self) -> float:
+        return 1.0 + self.strength
+
+    @property
+    def tissue_gamma(self) -> float:
+        return 1.0 / (1.0 + 0.5 * self.strength)
+
+    @property
+    def noise_gain(self) -> float:
+        return 1.0 + self.strength
+
+    def describe(self, cfg: DemoConfig) -> dict:
+        """The shifted parameters as written to the datalist's ``generator``."""
+        return {
+            "strength": float(self.strength),
+            "bias": cfg.bias * self.bias_gain,
+            "tissue_gamma": self.tissue_gamma,
+            "noise": cfg.noise * self.noise_gain,
+            "noise_type": "rician",
+        }
 
 
 def template_paths() -> dict[str, Path]:
@@ -118,8 +196,14 @@ def _rotation(angles_rad: np.ndarray) -> np.ndarray:
     return mz @ my @ mx
 
 
-def make_subject(rng: np.random.Generator, template, cfg: DemoConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One pseudo-subject: (image float32, label uint8, voxel-to-mm affine) on the output grid."""
+def make_subject(
+    rng: np.random.Generator, template, cfg: DemoConfig, domain_shift: DomainShift | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pseudo-subject: (image float32, label uint8, voxel-to-mm affine) on the output grid.
+
+    ``domain_shift`` changes the appearance only (:class:`DomainShift`); the draws that make the anatomy come first
+    and are the same, so the label is the same for the same ``rng`` state.
+    """
     t1, gm, wm, t_affine = template
     shape, o_affine = _output_grid(cfg.spacing)
     idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"))
@@ -138,10 +222,18 @@ def make_subject(rng: np.random.Generator, template, cfg: DemoConfig) -> tuple[n
     sample = lambda vol: ndimage.map_coordinates(vol, coords, order=1, mode="constant", cval=0.0)  # noqa: E731
     image, p_gm, p_wm = sample(t1), sample(gm), sample(wm)
 
-    bias = np.exp(_smooth_field(rng, shape, cfg.spacing, cfg.bias_grid_mm, cfg.bias, 1)[0])
+    bias_std = cfg.bias if domain_shift is None else cfg.bias * domain_shift.bias_gain
+    bias = np.exp(_smooth_field(rng, shape, cfg.spacing, cfg.bias_grid_mm, bias_std, 1)[0])
     gamma = float(np.exp(rng.normal(0.0, cfg.contrast)))
+    if domain_shift is not None:
+        gamma *= domain_shift.tissue_gamma
     image = np.clip(image, 0.0, None) ** gamma * bias
-    image = image + rng.normal(0.0, cfg.noise, size=shape)
+    if domain_shift is None:
+        image = image + rng.normal(0.0, cfg.noise, size=shape)
+    else:  # Rician: magnitude of (signal + real noise, imaginary noise)
+        sigma = cfg.noise * domain_shift.noise_gain
+        real = image + rng.normal(0.0, sigma, size=shape)
+        image = np.hypot(real, rng.normal(0.0, sigma, size=shape))
     label = np.argmax(np.stack([1.0 - p_gm - p_wm, p_gm, p_wm]), axis=0).astype(np.uint8)
     return image.astype(np.float32), label, o_affine
 
@@ -183,6 +275,7 @@ def prepare_demo(
     dims: int = 2,
     spacing: float = 2.0,
     slices_per_subject: int = 24,
+    shift: str | float | None = None,
     **variation,
 ) -> Path:
     """Write the demo dataset to ``out`` and return the path of its datalist.
@@ -197,7 +290,15 @@ def prepare_demo(
             3 writes whole volumes (3D configs crop patches from them).
         spacing: isotropic voxel size in mm (2 mm gives 96x112 slices and 96x112x96 volumes).
         slices_per_subject: 2D only; 0 keeps every slice that contains enough brain.
-        variation: overrides of :class:`DemoConfig` fields (e.g. ``noise=0.05``).
+        shift: a domain-shifted copy (:class:`DomainShift`): None / ``"none"`` / 0 writes the clean data (the default,
+            unchanged), ``"mild"`` (strength 0.5), ``"strong"`` (1.0) or a strength >= 0. With the same ``seed`` and
+            other arguments the shifted data has the same subjects, splits, slices and labels as the clean data;
+            only the images differ: the log bias field is ``1 + s`` times stronger, an intensity-transfer curve
+            ``I ** (1 / (1 + s/2))`` compresses the tissue contrast (grey/white-matter ratio ~0.79 -> ~0.85 at
+            ``s = 1``), and the noise is Rician with ``1 + s`` times the clean std. The datalist records the shift
+            under ``generator.shift`` and is named ``medkd-demo-mni152-shift-<s>``.
+            CLI: ``python -m medkd prepare demo --out data/demo2d_shift --shift strong``.
+        variation: overrides of :class:`DemoConfig` fields (e.g. ``noise=0.05``); a shift applies on top of them.
     """
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims!r}")
@@ -205,6 +306,7 @@ def prepare_demo(
     if unknown:
         raise TypeError(f"unknown demo dataset options {sorted(unknown)}; valid: {sorted(DemoConfig.__dataclass_fields__)}")
     cfg = DemoConfig(spacing=float(spacing), **variation)
+    domain_shift = DomainShift.parse(shift)
     out = Path(out)
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -215,7 +317,7 @@ def prepare_demo(
     template = _load_template(cfg.spacing)
     lists: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     for sid in range(subjects):
-        image, label, affine = make_subject(np.random.default_rng(subject_seeds[sid]), template, cfg)
+        image, label, affine = make_subject(np.random.default_rng(subject_seeds[sid]), template, cfg, domain_shift)
         name = f"sub-{sid:03d}"
         if dims == 3:
             items = [(name, image, label, affine, None)]
@@ -235,19 +337,27 @@ def prepare_demo(
                 entry["slice"] = int(z)
             lists[split_of[sid]].append(entry)
 
+    description = (
+        "Pseudo-subjects derived from the MNI ICBM152 2009a symmetric T1 template and its grey/white-matter "
+        "probability maps (shipped with nilearn): random affine + elastic deformation, bias field, noise. "
+        f"{'Axial 2D slices' if dims == 2 else '3D volumes'}, split by subject."
+    )
+    generator = {"subjects": subjects, "seed": seed, "dims": dims, **asdict(cfg)}
+    if domain_shift is not None:
+        description += (
+            f" Domain-shifted copy (strength {domain_shift.strength:g}): stronger bias field, compressed tissue "
+            "contrast, Rician noise; same subjects and labels as the clean data of the same seed."
+        )
+        generator["shift"] = domain_shift.describe(cfg)
     datalist = {
-        "name": "medkd-demo-mni152",
-        "description": (
-            "Pseudo-subjects derived from the MNI ICBM152 2009a symmetric T1 template and its grey/white-matter "
-            "probability maps (shipped with nilearn): random affine + elastic deformation, bias field, noise. "
-            f"{'Axial 2D slices' if dims == 2 else '3D volumes'}, split by subject."
-        ),
+        "name": "medkd-demo-mni152" + ("" if domain_shift is None else f"-shift-{domain_shift.strength:g}"),
+        "description": description,
         "reference": "Fonov et al., NeuroImage 2011 / 2009 (MNI ICBM152 2009a nonlinear symmetric template)",
         "licence": "see the MNI ICBM152 2009 template licence (copyright McConnell Brain Imaging Centre)",
         "tensorImageSize": f"{dims}D",
         "modality": {"0": "T1"},
         "labels": LABELS,
-        "generator": {"subjects": subjects, "seed": seed, "dims": dims, **asdict(cfg)},
+        "generator": generator,
         "numTraining": len(lists["training"]),
         "numValidation": len(lists["validation"]),
         "numTest": len(lists["test"]),

@@ -8,6 +8,8 @@ that used it. The protocols are **not** comparable with each other (different th
   per organ and case, with TransUNet's empty-mask conventions.
 - :class:`GraphFlowProtocol`: Graph Flow's Gastric protocol, pixel ACC and mIoU from one confusion matrix over the test
   set, on a 64x64 window.
+- :class:`GKDProtocol`: GKD's ``test.py`` (Qi et al., JBHI 2024), ACC, Se, Sp, F1, IoU/mIoU from one confusion
+  matrix over the test set, and the pixel-level ROC AUC of the foreground probability.
 - :class:`PooledBinaryProtocol`: MTMS-CKD's dataset-pooled Dice/IoU/precision/recall.
 - :func:`per_case_dice_hd95`: the project's common per-case Dice and HD95 (MONAI definitions).
 
@@ -33,14 +35,17 @@ from medkd.io import atomic_write_bytes
 __all__ = [
     "GASTRIC_CROP_START",
     "EMKDProtocol",
+    "GKDProtocol",
     "GraphFlowProtocol",
     "PooledBinaryProtocol",
     "TransUNetProtocol",
     "center_crop_2d",
+    "confusion_matrix",
     "emkd_binarize",
     "medpy_hd95",
     "mtms_binarize",
     "per_case_dice_hd95",
+    "roc_auc",
     "transunet_case_metrics",
     "write_results",
 ]
@@ -320,6 +325,36 @@ def center_crop_2d(x, size: int = 64, start: int | None = None) -> np.ndarray:
     return x[..., r0 : r0 + size, c0 : c0 + size]
 
 
+def confusion_matrix(pred, gt, num_classes: int, mask=None) -> np.ndarray:
+    """The ``(num_classes, num_classes)`` confusion matrix of two label maps, rows ground truth, columns prediction
+    (as the Graph Flow / GKD ``Evaluator``: ``bincount(num_classes * gt + pred)``).
+
+    Ground-truth labels outside ``[0, num_classes)`` are ignored, as released; predicted labels outside it are an
+    error. Numpy ``bincount``: MONAI's ``get_confusion_matrix`` gives one-vs-rest counts, not the full matrix.
+
+    Args:
+        pred: predicted label map, any shape (e.g. ``(H, W)``, ``(B, H, W)`` or ``(H, W, D)``).
+        gt: ground-truth label map of the same shape.
+        num_classes: number of classes including background.
+        mask: optional boolean map of the same shape; only pixels where it is true are counted (e.g. a field of view).
+
+    Returns:
+        int64 array, ``matrix[g, p]`` = number of pixels with ground truth ``g`` predicted as ``p``.
+    """
+    _check_num_classes(num_classes)
+    pred, gt = _label_map(pred, "pred"), _label_map(gt, "gt")
+    _check_same_shape(pred, gt)
+    if mask is not None:
+        mask = _to_numpy(mask)
+        if mask.shape != gt.shape:
+            raise ValueError(f"mask shape {mask.shape} and ground-truth shape {gt.shape} differ")
+        pred, gt = pred[mask.astype(bool)], gt[mask.astype(bool)]
+    _check_label_range(pred, num_classes, "pred")
+    keep = (gt >= 0) & (gt < num_classes)
+    idx = num_classes * gt[keep].astype(np.int64) + pred[keep].astype(np.int64)
+    return np.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
 class GraphFlowProtocol:
     """Pixel ACC and mIoU from one confusion matrix accumulated over the whole test set, background included
     (Graph Flow, Zou et al., ``test.py::Evaluator``; Gastric images are scored on a 64x64 window).
@@ -350,10 +385,7 @@ class GraphFlowProtocol:
         if self.crop_size is not None:
             pred = center_crop_2d(pred, self.crop_size, self.crop_start)
             gt = center_crop_2d(gt, self.crop_size, self.crop_start)
-        _check_label_range(pred, self.num_classes, "pred")
-        keep = (gt >= 0) & (gt < self.num_classes)
-        idx = self.num_classes * gt[keep].astype(np.int64) + pred[keep].astype(np.int64)
-        self.matrix += np.bincount(idx, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
+        self.matrix += confusion_matrix(pred, gt, self.num_classes)
 
     def summary(self) -> dict:
         """``acc``, ``miou`` and ``iou_class{c}`` (plus ``precision``, ``recall``, ``tnr``, ``f1`` for 2 classes)."""
@@ -374,6 +406,147 @@ class GraphFlowProtocol:
                 tnr=_ratio(tn, tn + fp),
                 f1=_ratio(2 * precision * recall, precision + recall),
             )
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------- GKD
+def roc_auc(scores, positives) -> float:
+    """Exact area under the ROC curve of ``scores`` for the binary target ``positives``.
+
+    The Mann-Whitney form: AUC = P(score of a random positive > score of a random negative) + 0.5 P(tie), computed
+    from the positive and negative counts per distinct score (one sort, ``np.unique``), so it equals the trapezoidal
+    area under sklearn's ``roc_curve`` (GKD's ``test.py``) and ``monai.metrics.compute_roc_auc``. MONAI's version
+    walks the pixels in a Python loop, too slow for the millions of pixels of a test set; this one is vectorised.
+
+    Args:
+        scores: per-pixel scores (e.g. the softmax probability of a class), any shape.
+        positives: boolean (or 0/1) target of the same shape.
+
+    Returns:
+        the AUC, NaN when there is no positive or no negative.
+    """
+    scores = _to_numpy(scores).reshape(-1)
+    positives = _to_numpy(positives).reshape(-1)
+    if scores.shape != positives.shape:
+        raise ValueError(f"scores ({scores.size} values) and positives ({positives.size} values) differ in size")
+    if not (np.issubdtype(positives.dtype, np.integer) or positives.dtype == np.bool_) or (
+        positives.size and not np.isin(positives, (0, 1)).all()
+    ):
+        raise ValueError("positives must be a boolean or 0/1 array")
+    if scores.size and not np.isfinite(scores).all():
+        raise ValueError("scores must be finite")
+    n_pos = int(np.count_nonzero(positives))
+    n_neg = positives.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inverse = np.unique(scores, return_inverse=True)
+    pos = np.bincount(inverse, weights=positives.astype(np.float64))
+    neg = np.bincount(inverse).astype(np.float64) - pos
+    negatives_below = np.cumsum(neg) - neg  # negatives with a strictly lower score
+    return float(np.sum(pos * (negatives_below + 0.5 * neg)) / (float(n_pos) * float(n_neg)))
+
+
+class GKDProtocol:
+    """GKD's evaluation (Qi et al., "Exploring Generalizable Distillation for Efficient Medical Image Segmentation",
+    IEEE JBHI 2024; the released ``test.py``): everything from **one** confusion matrix accumulated over every pixel
+    (voxel) of the evaluated set, not from per-image means, plus the pixel-level ROC AUC.
+
+    With M the confusion matrix (rows ground truth, columns argmax prediction; :func:`confusion_matrix`), per
+    foreground class c one against the rest (TP = M[c, c], FN = row c - TP, FP = column c - TP, TN = the rest)::
+
+        acc = trace(M) / sum(M)
+        recall_class{c} (Se) = TP / (TP + FN),    tnr_class{c} (Sp) = TN / (TN + FP),
+        precision_class{c} = TP / (TP + FP),      f1_class{c} = 2 Pre Se / (Pre + Se) = 2TP / (2TP + FP + FN)
+        iou_class{c} = TP / (TP + FP + FN)  for every class c, background included
+        miou = mean of iou_class{c} over ALL classes, background included (NaN classes, absent from both, left out)
+        auc_class{c} = ROC AUC of the softmax probability of c against (gt == c), over the same pixels (:func:`roc_auc`)
+
+    For a binary task the ``class1`` values are the paper's numbers. F1 is computed in its Dice form: it equals
+    ``test.py``'s ``2 Pre Se / (Pre + Se)`` wherever that is defined, and is 0 rather than NaN when the class was
+    predicted or present but never hit (TP = 0). A ratio with a zero denominator is NaN. ``test.py`` takes the AUC
+    of the log-softmax, a monotone map of the probability, so the AUC is the same. Ground-truth labels outside
+    ``[0, num_classes)`` are ignored (as the Graph Flow / GKD ``Evaluator``); a field-of-view ``mask`` restricts the
+    counted pixels (``test.py`` uses none).
+
+    The AUC needs every scored pixel's probability: ``auc=True`` keeps them (float32 and a boolean per pixel and
+    foreground class) until :meth:`summary`.
+
+    Args:
+        num_classes: number of classes including background (2 in GKD: liver, vessel).
+        auc: compute the AUC (needs ``prob`` in :meth:`update`); False skips it and its memory.
+    """
+
+    def __init__(self, num_classes: int = 2, auc: bool = True) -> None:
+        _check_num_classes(num_classes)
+        self.num_classes = num_classes
+        self.auc = bool(auc)
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self._scores: list[list[np.ndarray]] = [[] for _ in range(1, num_classes)]
+        self._positives: list[list[np.ndarray]] = [[] for _ in range(1, num_classes)]
+
+    def update(self, pred, gt, prob=None, mask=None) -> None:
+        """Add pixels.
+
+        Args:
+            pred: argmax label map, e.g. ``(H, W)``, ``(B, H, W)`` or ``(H, W, D)``.
+            gt: ground-truth label map of the same shape.
+            prob: softmax probabilities with the class axis first, ``(num_classes, *gt.shape)``; needed when
+                ``auc`` is on.
+            mask: optional boolean map of ``gt``'s shape; only pixels where it is true are scored.
+        """
+        gt = _label_map(gt, "gt")
+        if mask is not None:
+            mask = _to_numpy(mask).astype(bool)
+        self.matrix += confusion_matrix(pred, gt, self.num_classes, mask)
+        if not self.auc:
+            return
+        if prob is None:
+            raise ValueError("the GKD protocol's AUC needs the softmax probabilities (prob); pass auc=False to skip it")
+        prob = _to_numpy(prob)
+        if prob.shape != (self.num_classes, *gt.shape):
+            raise ValueError(
+                f"prob must have shape (num_classes, *gt.shape) = {(self.num_classes, *gt.shape)}, got {prob.shape}"
+            )
+        keep = (gt >= 0) & (gt < self.num_classes)
+        if mask is not None:
+            keep &= mask
+        for k, c in enumerate(range(1, self.num_classes)):
+            self._scores[k].append(prob[c][keep].astype(np.float32))
+            self._positives[k].append(gt[keep] == c)
+
+    def summary(self) -> dict:
+        """``acc``, ``miou``, ``iou_class{c}`` for every class, and per foreground class ``recall_class{c}`` (Se),
+        ``tnr_class{c}`` (Sp), ``precision_class{c}``, ``f1_class{c}``, ``auc_class{c}`` (when on) and the counts
+        ``tp_class{c}``, ``fp_class{c}``, ``fn_class{c}``, ``tn_class{c}``; then the means over the foreground classes
+        (``recall_mean``, ``tnr_mean``, ``precision_mean``, ``f1_mean``, ``iou_mean``, ``auc_mean``, NaN-aware)."""
+        m = self.matrix
+        total = int(m.sum())
+        if total == 0:
+            raise ValueError("no pixel was counted")
+        diag = np.diag(m).astype(float)
+        union = m.sum(axis=0) + m.sum(axis=1) - diag
+        iou = np.divide(diag, union, out=np.full_like(diag, np.nan), where=union > 0)
+        out: dict = {"acc": float(diag.sum() / total), "miou": float(np.nanmean(iou))}  # some class has pixels
+        out.update({f"iou_class{c}": float(v) for c, v in enumerate(iou)})
+        fg = range(1, self.num_classes)
+        names = ["recall", "tnr", "precision", "f1", "iou"] + (["auc"] if self.auc else [])
+        for k, c in enumerate(fg):
+            tp = int(m[c, c])
+            fn, fp = int(m[c].sum()) - tp, int(m[:, c].sum()) - tp
+            tn = total - tp - fn - fp
+            out[f"recall_class{c}"] = _ratio(tp, tp + fn)
+            out[f"tnr_class{c}"] = _ratio(tn, tn + fp)
+            out[f"precision_class{c}"] = _ratio(tp, tp + fp)
+            out[f"f1_class{c}"] = _ratio(2 * tp, 2 * tp + fp + fn)
+            if self.auc:
+                scores = np.concatenate(self._scores[k]) if self._scores[k] else np.zeros(0, np.float32)
+                positives = np.concatenate(self._positives[k]) if self._positives[k] else np.zeros(0, bool)
+                out[f"auc_class{c}"] = roc_auc(scores, positives)
+            out.update({f"tp_class{c}": tp, f"fp_class{c}": fp, f"fn_class{c}": fn, f"tn_class{c}": tn})
+        for name in names:
+            values = [out[f"{name}_class{c}"] for c in fg]
+            finite = [v for v in values if not math.isnan(v)]
+            out[f"{name}_mean"] = float(np.mean(finite)) if finite else math.nan
         return out
 
 
@@ -479,7 +652,9 @@ def _is_float(v) -> bool:
     return isinstance(v, (float, np.floating))
 
 
-def write_results(rows: Sequence[dict], out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
+def write_results(
+    rows: Sequence[dict], out_dir: str | os.PathLike, name: str, group_key: str | None = None
+) -> tuple[Path, Path]:
     """Write per-case rows to ``<name>_per_case.csv`` and their summary to ``<name>_summary.csv`` in ``out_dir``,
     each atomically (:func:`medkd.io.atomic_write_bytes`).
 
@@ -488,15 +663,30 @@ def write_results(rows: Sequence[dict], out_dir: str | os.PathLike, name: str) -
     file only. The summary has one line per metric: ``metric``, ``mean`` and ``std`` (NaN-aware, population std,
     ddof=0) over the non-NaN values, and ``n``, their number.
 
+    Args:
+        rows: one dict per case.
+        out_dir: folder of the two files (created).
+        name: file name prefix (the protocol).
+        group_key: when given, every row carries this key (e.g. ``"domain"``): it becomes the first column of both
+            files, and the summary holds one block of metric lines per group (groups in first-seen order), each over
+            that group's rows only.
+
     Returns:
         the two paths written.
     """
     if not rows:
         raise ValueError("no rows to write")
-    columns: list[str] = []
+    if group_key is not None:
+        missing = [i for i, r in enumerate(rows) if group_key not in r]
+        if missing:
+            raise ValueError(f"group_key {group_key!r}: rows {missing[:10]} do not have it")
+    columns: list[str] = [group_key] if group_key is not None else []
     for row in rows:
         columns += [k for k in row if k not in columns]
     metrics = [k for k in columns if all(k in r and _is_float(r[k]) for r in rows)]
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(None if group_key is None else row[group_key], []).append(row)
 
     per_case = io.StringIO()
     writer = csv.DictWriter(per_case, fieldnames=columns, lineterminator="\n")
@@ -505,12 +695,14 @@ def write_results(rows: Sequence[dict], out_dir: str | os.PathLike, name: str) -
 
     summary = io.StringIO()
     writer = csv.writer(summary, lineterminator="\n")
-    writer.writerow(["metric", "mean", "std", "n"])
-    for k in metrics:
-        values = np.array([r[k] for r in rows], dtype=float)
-        values = values[~np.isnan(values)]
-        n = len(values)
-        writer.writerow([k, float(values.mean()) if n else math.nan, float(values.std()) if n else math.nan, n])
+    writer.writerow(([group_key] if group_key is not None else []) + ["metric", "mean", "std", "n"])
+    for group, group_rows in groups.items():
+        for k in metrics:
+            values = np.array([r[k] for r in group_rows], dtype=float)
+            values = values[~np.isnan(values)]
+            n = len(values)
+            stats = [k, float(values.mean()) if n else math.nan, float(values.std()) if n else math.nan, n]
+            writer.writerow(([group] if group_key is not None else []) + stats)
 
     out_dir = Path(out_dir)
     paths = out_dir / f"{name}_per_case.csv", out_dir / f"{name}_summary.csv"
