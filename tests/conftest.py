@@ -57,7 +57,8 @@ def workflow(bundle: str, configs: list[str], workflow_type: str = "train", **ov
 
 # Stages a bundle runs before train.json (each writes files under ckpt_dir that train.json loads), with the
 # overrides that make them a few iterations long.
-STAGES = {"train_teacher.json": {}, "pretrain_paraphraser.json": {"paraphraser_epochs": 1}}
+STAGES = {"train_teacher.json": {}, "pretrain_paraphraser.json": {"paraphraser_epochs": 1}, "train_baseline.json": {},
+          "pretrain_psae.json": {"psae_epochs": 1}, "train_msan.json": {"msan_epochs": 1}}
 
 
 def stages_of(bundle: str) -> list[str]:

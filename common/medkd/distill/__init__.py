@@ -1,12 +1,28 @@
 """Distillation core: feature taps, loss terms, teacher sources and the Distiller module."""
 
 from medkd.distill.distiller import Distiller
+from medkd.distill.gkd import (
+    AlignmentConsistencyObjective,
+    GKDDistiller,
+    SemanticAutoEncoderObjective,
+    decode_replacing,
+    load_stage_file,
+    output_of,
+    tap_channels,
+)
 from medkd.distill.self_distill import AuxiliaryHead, ClassWiseFeatures, FeatureReconstruction, SelfDistillationStudent
 from medkd.distill.taps import FeatureTaps
 from medkd.distill.teacher import LiveTeacher, ParaphrasedTeacher, TeacherSource, first_tensor, load_teacher_weights
 from medkd.distill.terms import LossTerm, parse_key
 
 __all__ = [
+    "AlignmentConsistencyObjective",
+    "GKDDistiller",
+    "SemanticAutoEncoderObjective",
+    "decode_replacing",
+    "load_stage_file",
+    "output_of",
+    "tap_channels",
     "AuxiliaryHead",
     "ClassWiseFeatures",
     "Distiller",

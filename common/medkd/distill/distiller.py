@@ -41,6 +41,11 @@ class Distiller(nn.Module):
         teacher_ckpt: state-dict file of the teacher network (required with a teacher network).
         student_taps / teacher_taps: feature name -> tap spec; a name used by a term but absent here is taken
             as the tap spec itself (an alias such as ``low`` or a dotted module path).
+        extra_taps: ``{"s": names, "t": names}`` tapped whatever the terms read (for subclasses whose
+            :meth:`features` needs them, e.g. GKD's bottlenecks).
+
+    Subclasses change what a step computes by overriding :meth:`features` (the loss part of :meth:`forward` stays
+    the same) and list the feature names they produce in :attr:`derived_features`.
 
     The teacher is not a registered sub-module (``distiller.teacher`` is a plain reference): wrapping the Distiller
     in ``DistributedDataParallel`` wraps the student and the term adapters only, and the Distiller's ``to()`` does
@@ -49,6 +54,9 @@ class Distiller(nn.Module):
     Semi-supervised batches: ``labelled`` (B,) bool marks samples with a label; the task loss and every term
     that reads ``label`` see only those samples, the other terms see the whole batch.
     """
+
+    #: feature names (``s.<name>`` / ``t.<name>``) that a subclass's :meth:`features` computes itself: not taps.
+    derived_features: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -59,6 +67,8 @@ class Distiller(nn.Module):
         teacher_ckpt: str | os.PathLike | None = None,
         student_taps: dict[str, str] | None = None,
         teacher_taps: dict[str, str] | None = None,
+        *,
+        extra_taps: dict[str, Sequence[str]] | None = None,
     ):
         super().__init__()
         self.student = student
@@ -69,13 +79,13 @@ class Distiller(nn.Module):
             raise ValueError(f"KD term names must be unique, got {names}")
         self.terms = nn.ModuleList(terms)
 
-        needed: dict[str, set[str]] = {"s": set(), "t": set()}
+        needed: dict[str, set[str]] = {side: set((extra_taps or {}).get(side, ())) for side in ("s", "t")}
         for term in terms:
             for key in term.inputs:
                 side, name = parse_key(key)
-                if side and name != "logits":
+                if side and name != "logits" and name not in self.derived_features:
                     needed[side].add(name)
-        uses_teacher = any(k.startswith("t.") for t in terms for k in t.inputs)
+        uses_teacher = bool(needed["t"]) or any(k.startswith("t.") for t in terms for k in t.inputs)
         if uses_teacher and teacher is None:
             users = [t.name for t in terms if any(k.startswith("t.") for k in t.inputs)]
             raise ValueError(f"KD terms {users} read teacher features but no teacher was given")
@@ -104,7 +114,8 @@ class Distiller(nn.Module):
             self.teacher.train(False)
         return self
 
-    def forward(self, image: torch.Tensor, label: torch.Tensor | None = None, labelled: torch.Tensor | None = None) -> dict:
+    def features(self, image: torch.Tensor, label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The feature dict of one step: ``image``, ``label``, teacher outputs (``t.*``), student logits and taps."""
         features: dict[str, torch.Tensor] = {"image": image}
         if label is not None:
             features["label"] = label
@@ -115,7 +126,11 @@ class Distiller(nn.Module):
         self.student_taps.check_captured(taps)
         features["s.logits"] = logits
         features.update({f"s.{k}": v for k, v in taps.items()})
+        return features
 
+    def forward(self, image: torch.Tensor, label: torch.Tensor | None = None, labelled: torch.Tensor | None = None) -> dict:
+        features = self.features(image, label)
+        logits = features["s.logits"]
         mask = None if labelled is None else labelled.to(device=logits.device, dtype=torch.bool).view(-1)
         labelled_features = features if mask is None else {k: v[mask] for k, v in features.items()}
         has_labels = label is not None and (mask is None or bool(mask.any()))

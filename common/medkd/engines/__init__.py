@@ -2,16 +2,18 @@
 use, and the evaluation-protocol handler."""
 
 from medkd.engines.adversarial import WGANGPStep
-from medkd.engines.handlers import AtomicCheckpointSaver, ProgressBar, TermSchedule, TrainingState, loss_scalars
+from medkd.engines.handlers import AtomicCheckpointSaver, ModuleSaver, ProgressBar, TermSchedule, TrainingState, loss_scalars
 from medkd.engines.paraphraser import ParaphraserSaver, ParaphraserTrainer
 from medkd.engines.protocols import PROTOCOL_OPTIONS, ProtocolSaver, needs_probabilities
 from medkd.engines.schedules import PiecewisePolyLR
-from medkd.engines.trainer import AdversaryStep, KDTrainer, mean_across_ranks
+from medkd.engines.trainer import AdversaryStep, KDTrainer, ObjectiveTrainer, mean_across_ranks
 
 __all__ = [
     "AdversaryStep",
     "AtomicCheckpointSaver",
     "KDTrainer",
+    "ModuleSaver",
+    "ObjectiveTrainer",
     "PROTOCOL_OPTIONS",
     "ParaphraserSaver",
     "ParaphraserTrainer",

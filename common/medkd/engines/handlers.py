@@ -16,7 +16,7 @@ from monai.handlers import CheckpointSaver
 
 from medkd.io import atomic_torch_save
 
-__all__ = ["AtomicCheckpointSaver", "TermSchedule", "TrainingState", "ProgressBar", "loss_scalars"]
+__all__ = ["AtomicCheckpointSaver", "ModuleSaver", "TermSchedule", "TrainingState", "ProgressBar", "loss_scalars"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,29 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def load_state_dict(self, state_dict: dict) -> None:
         if self._key_metric_checkpoint is not None and state_dict:
             self._key_metric_checkpoint.load_state_dict(state_dict)
+
+
+class ModuleSaver:
+    """Writes ``module.state_dict()`` to ``path`` (atomically, rank 0 only) after every epoch.
+
+    The output file of an auxiliary training stage (e.g. GKD's ``models/psae.pt`` and ``models/msan.pt``), which the
+    next stage loads strictly.
+
+    Args:
+        module: what to save (a ``torch.nn.Module``; a ``DistributedDataParallel`` wrapper is unwrapped).
+        path: the file.
+    """
+
+    def __init__(self, module: torch.nn.Module, path: str | os.PathLike):
+        self.module = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+        self.path = Path(path)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def save(self, engine: Engine | None = None) -> None:
+        if _is_rank0():
+            atomic_torch_save(self.module.state_dict(), self.path)
 
 
 class TrainingState:

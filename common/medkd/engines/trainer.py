@@ -12,7 +12,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from medkd.distill import Distiller
 
-__all__ = ["KDTrainer", "AdversaryStep", "mean_across_ranks"]
+__all__ = ["KDTrainer", "AdversaryStep", "ObjectiveTrainer", "mean_across_ranks"]
 
 
 def amp_enabled(engine: SupervisedTrainer) -> bool:
@@ -156,3 +156,48 @@ class KDTrainer(SupervisedTrainer):
             + ". Training stopped before the optimiser step; "
             "the last saved checkpoint is kept. Lower the learning rate or the term's weight, or check the inputs."
         )
+
+
+class ObjectiveTrainer(SupervisedTrainer):
+    """Trains a module that computes its own objective: ``objective(image, label) -> {"loss": ..., "loss_*": ...}``.
+
+    For the auxiliary stages of multi-stage methods (GKD's semantic autoencoder and alignment networks): MONAI's
+    ``SupervisedTrainer`` loop (handlers, AMP on CUDA, DDP) around an objective module that holds its own frozen
+    parts. ``engine.state.output`` holds ``loss`` and every other ``loss_*`` / ``raw_*`` scalar the objective
+    returns (averaged over the ranks under DDP); a non-finite loss stops training naming the scalars.
+
+    Args:
+        objective: the module (or a ``DistributedDataParallel`` wrapping it); its trainable parameters are those
+            the optimiser holds.
+        optimizer: the optimiser.
+        kwargs: other ``monai.engines.SupervisedTrainer`` arguments (device, max_epochs, train_data_loader,
+            train_handlers, amp, ...).
+    """
+
+    def __init__(self, objective: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any):
+        for key in ("network", "loss_function", "iteration_update"):
+            if key in kwargs:
+                raise TypeError(f"ObjectiveTrainer does not take '{key}': the objective module defines both")
+        super().__init__(network=objective, optimizer=optimizer, loss_function=lambda *a: None, **kwargs)
+
+    def _iteration(self, engine: "ObjectiveTrainer", batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        image, label = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        use_amp = amp_enabled(engine)
+        with torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
+            out = engine.network(image, label)
+        loss = out["loss"]
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            scalars = {k: float(v) for k, v in out.items() if k.startswith(("loss", "raw_"))}
+            raise FloatingPointError(f"non-finite objective at epoch {engine.state.epoch}, iteration "
+                                     f"{engine.state.iteration}: {scalars}; lower the learning rate or check the inputs")
+        backward_and_step(engine, loss, use_amp)
+        engine.state.output = mean_across_ranks({k: v.detach() for k, v in out.items() if k.startswith(("loss", "raw_"))})
+        return engine.state.output
