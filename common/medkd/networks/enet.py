@@ -48,6 +48,14 @@ class ConvPoolDownsampler(nn.Module):
     through; both are concatenated, then normalised and activated. ENet's initial block and ERFNet's
     ``DownsamplerBlock`` are this block. Normalisation and activation are MONAI's ``ADN``.
 
+    The convolution zero-pads one row on top and one column on the left only (``F.pad(x, (1, 0, 1, 0))``, then
+    ``padding=0``) instead of the usual ``padding=1`` on all sides. For even H and W the output is the same
+    (a stride-2 3x3 window never reaches the bottom/right padding), but its size is then ``(H - 2) // 2 + 1``,
+    the very expression of the max-pool's, so ``torch.export`` (the ONNX exporter of torch >= 2.9) needs no
+    "conv size == pool size" guard. With ``padding=1`` that guard, nested three times in ERFNet, made
+    ``torch.onnx.export`` with dynamic height/width fail ("Eq(-x/8 + (((x/4)//2)), 0) cannot be solved").
+    For odd H or W both paths now drop the last row/column (``padding=1`` raised a size mismatch instead).
+
     Args:
         in_channels: input channels; must be smaller than ``out_channels``.
         out_channels: output channels.
@@ -56,7 +64,7 @@ class ConvPoolDownsampler(nn.Module):
         bias: whether the convolution has a bias.
 
     Shapes:
-        ``(B, in_channels, H, W)`` -> ``(B, out_channels, H / 2, W / 2)`` (H, W even).
+        ``(B, in_channels, H, W)`` -> ``(B, out_channels, H // 2, W // 2)``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, act: tuple | str = "prelu",
@@ -64,12 +72,12 @@ class ConvPoolDownsampler(nn.Module):
         super().__init__()
         if not 0 < in_channels < out_channels:
             raise ValueError(f"need 0 < in_channels < out_channels, got {in_channels} and {out_channels}")
-        self.conv = nn.Conv2d(in_channels, out_channels - in_channels, 3, stride=2, padding=1, bias=bias)
+        self.conv = nn.Conv2d(in_channels, out_channels - in_channels, 3, stride=2, padding=0, bias=bias)
         self.pool = nn.MaxPool2d(2, stride=2)
         self.norm_act = ADN("NA", out_channels, act=act, norm=norm, norm_dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_act(torch.cat([self.conv(x), self.pool(x)], dim=1))
+        return self.norm_act(torch.cat([self.conv(F.pad(x, (1, 0, 1, 0))), self.pool(x)], dim=1))
 
 
 class RegularBottleneck(nn.Module):
