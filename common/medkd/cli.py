@@ -3,6 +3,7 @@
     python -m medkd prepare demo --out DIR [--subjects 12] [--seed 0] [--dims 2|3] [--spacing 2.0]
     python -m medkd demo [--out demo_results] [--epochs 30]
     python -m medkd profile TARGET [TARGET ...] [--size 256,256] [--pairs T/S,...] [--out profile.md]
+    python -m medkd export-bundle bundles/NAME --out DIR [--version X] [--ckpt PATH] [--teacher PATH] [--overwrite]
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import fire
 
-__all__ = ["main", "prepare", "demo", "profile"]
+__all__ = ["main", "prepare", "demo", "profile", "export_bundle"]
 
 DATASETS = ("demo",)
 
@@ -88,5 +89,32 @@ def profile(*targets: str, size=None, batch: int = 1, recipe: str | None = None,
     print(f"wrote {out_path}")
 
 
+def export_bundle(bundle: str, out: str, version: str | None = None, ckpt: str | None = None,
+                  teacher: str | None = None, overwrite: bool = False, large_files_url: str | None = None,
+                  large_files_dir: str | None = None, changelog: str | None = None) -> None:
+    """Write BUNDLE (a folder under bundles/) to OUT as a self-contained MONAI model-zoo bundle; see docs/export.md.
+
+    The medkd code the configs need is vendored as ``<bundle>_medkd`` and every reference rewritten to it; the
+    student (``models/model.pt`` of the bundle or ``--ckpt``) and, for KD bundles, the teacher (``--teacher`` or
+    ``models/teacher.pt``) are checked against the configs' networks; metadata is pinned to the installed releases
+    (``--version X.Y.Z`` sets its version); files over 25 MB move to ``<OUT>_large_files`` and into
+    ``large_files.yml`` (``--large_files_url`` is where they will be uploaded). OUT must not exist unless
+    ``--overwrite`` is given.
+    """
+    from medkd.export import export_bundle as export
+
+    path = Path(bundle)
+    if not path.is_dir() and (Path("bundles") / bundle).is_dir():
+        path = Path("bundles") / bundle
+    report = export(path, out, version=None if version is None else str(version), ckpt=ckpt, teacher=teacher,
+                    overwrite=overwrite, large_files_url=large_files_url, large_files_dir=large_files_dir,
+                    changelog=changelog)
+    scope = "the whole package" if report.whole_package else f"{len(report.modules)} modules"
+    print(f"wrote {report.path} (code: {report.package}, {scope}; recipes: {len(report.recipes)}"
+          + (f", left out: {', '.join(report.skipped_recipes)}" if report.skipped_recipes else "") + ")")
+    for rel, where in report.large_files.items():
+        print(f"large file {rel} -> {where} (upload it; see large_files.yml)")
+
+
 def main() -> None:
-    fire.Fire({"prepare": prepare, "demo": demo, "profile": profile}, name="medkd")
+    fire.Fire({"prepare": prepare, "demo": demo, "profile": profile, "export-bundle": export_bundle}, name="medkd")
