@@ -100,7 +100,7 @@ def test_every_loss_term_reaches_tensorboard(bundle, trained):
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     wf = workflow(bundle, ["train.json"], dataset_dir="unused")
-    terms = [t["name"] for t in wf.parser["kd_terms"]] if "kd_terms" in wf.parser.config else []
+    terms = [t.name for t in wf.parser.get_parsed_content("kd_terms") if t is not None] if "kd_terms" in wf.parser.config else []
     expected = {"loss", "loss_task"} | {f"loss_{n}" for n in terms} | {f"raw_{n}" for n in terms}
     assert expected <= tags, expected - tags
     assert "val_mean_dice" in tags
@@ -348,9 +348,21 @@ def test_every_2d_recipe_trains_an_epoch(bundle, recipe, tiny2d, teacher_2d, tmp
             continue
         same = json.dumps(wf.parser[key]) == json.dumps(value).replace("#", "::")  # MONAI writes ids with '::'
         assert same or wf.parser[key] == value, f"{recipe}: '{key}' did not reach the config"
-    if recipe == "pmd_only.json":
-        terms = [t.name for t in wf.parser.get_parsed_content("distiller").terms]
-        assert terms == ["pmd"]
+    expected_terms = RECIPE_TERMS.get((bundle, recipe))
+    if expected_terms is not None:
+        assert [t.name for t in wf.parser.get_parsed_content("distiller").terms] == expected_terms
+
+
+# recipes that select terms: the terms the Distiller must end up with
+RECIPE_TERMS = {
+    ("emkd_segmentation", "pmd_only.json"): ["pmd"],
+    ("gkd_segmentation", "intra_only.json"): ["intra"],
+    ("gkd_segmentation", "inter_only.json"): ["inter"],
+    ("gkd_segmentation", "cross_only.json"): ["cross_teacher", "cross_student"],
+    ("gkd_segmentation", "intra_inter.json"): ["intra", "inter"],
+    ("gkd_segmentation", "vanilla_kd.json"): ["kd"],
+    ("gkd_segmentation", "gkd_plus_kd.json"): ["intra", "inter", "cross_teacher", "cross_student", "kd"],
+}
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)

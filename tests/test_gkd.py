@@ -327,3 +327,38 @@ def test_batch_views(dims):
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     with pytest.raises(ValueError, match="unknown view kinds"):
         BatchViews(["zoom"])
+
+
+def test_fsd_saver_pairs_teacher_student_and_source_target(parts, tmp_path):
+    from ignite.engine import Engine
+
+    from medkd.engines import FSDSaver
+    from medkd.metrics import frechet_semantic_distance
+
+    torch.manual_seed(6)
+    student = student_net().eval()
+    msan = nn.ModuleDict({"teacher": AlignmentNetwork(64, vector_dim=16, grid=2, hidden=8),
+                          "student": AlignmentNetwork(16, vector_dim=16, grid=2, hidden=8)})
+    saver = FSDSaver(student, msan, parts["msan_ckpt"], tmp_path, teacher=teacher_net(), teacher_ckpt=parts["teacher_ckpt"])
+    images = {"clean": torch.randn(5, 1, 32, 32), "shift": torch.randn(5, 1, 32, 32) * 2 + 1}
+    # MONAI evaluators leave a decollated list of items in engine.state.batch; mixed domains within a batch
+    items = [{"image": images[d][i], "domain": d} for i in range(5) for d in ("clean", "shift")]
+    batches = [items[i:i + 3] for i in range(0, len(items), 3)]
+    engine = Engine(lambda e, b: None)
+    saver.attach(engine)
+    engine.run(batches)
+    rows = {(r["pairing"], r["group_a"], r["group_b"]): r for r in saver.results()}
+    assert set(rows) == {("teacher_student", "clean", "clean"), ("teacher_student", "shift", "shift"),
+                         ("source_target", "clean", "shift")}
+    e_s, e_t = saver.msan["student"], saver.msan["teacher"]
+    t_mod, s_mod = resolve_tap(saver.teacher, "bottleneck"), resolve_tap(student, "bottleneck")
+    with torch.no_grad():
+        vs = {d: e_s.encode(output_of(student, s_mod, x)) for d, x in images.items()}
+        vt = {d: e_t.encode(output_of(saver.teacher, t_mod, x)) for d, x in images.items()}
+    for d in images:
+        assert rows[("teacher_student", d, d)]["fsd"] == pytest.approx(float(frechet_semantic_distance(vt[d], vs[d])), rel=1e-6)
+    assert rows[("source_target", "clean", "shift")]["fsd"] == pytest.approx(
+        float(frechet_semantic_distance(vs["clean"], vs["shift"])), rel=1e-6)
+    assert rows[("source_target", "clean", "shift")]["dim"] == 4  # PCA to min(n) - 1 for 5 images per domain
+    lines = (tmp_path / "fsd.csv").read_text().splitlines()
+    assert lines[0] == "pairing,group_a,group_b,fsd,dim,n_a,n_b" and len(lines) == 4

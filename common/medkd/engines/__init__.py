@@ -2,6 +2,7 @@
 use, and the evaluation-protocol handler."""
 
 from medkd.engines.adversarial import WGANGPStep
+from medkd.engines.fsd import FSDSaver
 from medkd.engines.handlers import AtomicCheckpointSaver, ModuleSaver, ProgressBar, TermSchedule, TrainingState, loss_scalars
 from medkd.engines.paraphraser import ParaphraserSaver, ParaphraserTrainer
 from medkd.engines.protocols import PROTOCOL_OPTIONS, ProtocolSaver, needs_probabilities
@@ -11,6 +12,7 @@ from medkd.engines.trainer import AdversaryStep, KDTrainer, ObjectiveTrainer, me
 __all__ = [
     "AdversaryStep",
     "AtomicCheckpointSaver",
+    "FSDSaver",
     "KDTrainer",
     "ModuleSaver",
     "ObjectiveTrainer",

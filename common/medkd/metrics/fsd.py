@@ -85,7 +85,8 @@ def _frechet(mu_a, cov_a, mu_b, cov_b, eps: float) -> float:
         offset = np.eye(cov_a.shape[0]) * eps
         covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(np.real(covmean)))
+    value = float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(np.real(covmean)))
+    return max(value, 0.0)  # a distance: rounding can leave -1e-15 for identical sets
 
 
 def frechet_semantic_distance(a, b, eps: float = 1e-6, max_dim="auto") -> FSDValue:
