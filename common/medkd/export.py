@@ -36,6 +36,7 @@ from typing import Any, Iterable
 
 import torch
 import yaml
+from monai.bundle import ConfigParser
 
 import medkd
 from medkd.io import load_state_dict_file
@@ -457,8 +458,6 @@ def _sha256(path: Path) -> str:
 
 def _checked_weights(path: Path, bundle: Path, config: str, net_id: str, what: str) -> dict:
     """The state dict in ``path``, loaded strictly into ``net_id`` of the source bundle's ``config``."""
-    from monai.bundle import ConfigParser
-
     state = load_state_dict_file(path)
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / config))
@@ -471,11 +470,6 @@ def _checked_weights(path: Path, bundle: Path, config: str, net_id: str, what: s
     except RuntimeError as e:
         raise ValueError(f"{what} {path} does not match {net_id} ({type(net).__name__}) of {bundle.name}: {e}") from e
     return {k: v.detach().clone().cpu() for k, v in net.state_dict().items()}
-
-
-def _pin_core(meta: dict) -> None:
-    for dist, key in CORE_DISTRIBUTIONS.items():
-        meta[key] = release_version(dist)
 
 
 def _network_format(fmt: dict) -> str:
@@ -495,6 +489,76 @@ def _replace_dir(staged: Path, target: Path) -> None:
     os.rename(staged, target)
     if old is not None:
         shutil.rmtree(old)
+
+
+def _collect_configs(src: Path, package: str) -> tuple[dict[str, Any], list[str], dict[str, Any], dict[str, str]]:
+    """The rewritten configs of ``src/configs`` (name -> config), the files copied as they are (``logging.conf``),
+    the self-contained rewritten recipes (``recipes/<name>`` -> config) and the others (name -> why)."""
+    repo_root = src.parents[1]
+    configs: dict[str, Any] = {}
+    verbatim: list[str] = []
+    for path in sorted((src / "configs").iterdir()):
+        if path.name == "metadata.json" or path.is_dir():
+            continue
+        if path.name == "logging.conf":
+            verbatim.append(path.name)
+            continue
+        if path.suffix != ".json":
+            raise ValueError(f"{src.name}/configs/{path.name}: only JSON configs (and logging.conf) can be exported")
+        configs[path.name] = rewrite_config(json.loads(path.read_text()), package)
+        reason = _not_self_contained(configs[path.name], repo_root)
+        if reason:
+            raise ValueError(f"{src.name}/configs/{path.name} is not self-contained: {reason}")
+    recipes: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for path in sorted((src / "configs" / "recipes").glob("*.json")):
+        rewritten = rewrite_config(json.loads(path.read_text()), package)
+        reason = _not_self_contained(rewritten, repo_root)
+        if reason:
+            skipped[path.name] = reason
+        else:
+            recipes[f"recipes/{path.name}"] = rewritten
+    return configs, verbatim, recipes, skipped
+
+
+def _export_metadata(meta: dict, version: str, changelog: str | None, pins: dict[str, str], note: str) -> dict:
+    """The bundle's metadata with the export's version (and a changelog entry for it) and release pins."""
+    meta = dict(meta)
+    meta["version"] = version
+    if version not in meta.get("changelog", {}):
+        meta["changelog"] = {version: changelog or note, **meta.get("changelog", {})}
+    for dist, key in CORE_DISTRIBUTIONS.items():
+        meta[key] = release_version(dist)
+    meta["required_packages_version"] = dict(pins)
+    meta["optional_packages_version"] = dict(pins)
+    return meta
+
+
+def _write_vendored(files: dict[str, Path], package: str, target: Path) -> None:
+    """Copy the ``medkd`` modules ``files`` (name -> source file) under ``target/package`` with renamed imports."""
+    for name, path in files.items():
+        rel = path.relative_to(SOURCE_DIR)
+        dest = target / package / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        text = rewrite_python_imports(path.read_text(), package, filename=f"{SOURCE}/{rel}")
+        if name == SOURCE:
+            text += f'\n__vendored_from__ = "{SOURCE} {medkd.__version__}"\n'
+        dest.write_text(text)
+
+
+def _move_large_files(bundle_dir: Path, limit_mb: float, url: str | None, dest: Path) -> list[dict]:
+    """Move the files of ``bundle_dir`` over ``limit_mb`` to ``dest`` (same relative paths) and return their
+    ``large_files.yml`` entries (path, url, SHA-256)."""
+    entries = []
+    for path in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
+        if path.stat().st_size <= limit_mb * 1024 * 1024:
+            continue
+        rel = path.relative_to(bundle_dir).as_posix()
+        entries.append({"path": rel, "url": f"{url.rstrip('/')}/{rel}" if url else "", "hash_val": _sha256(path),
+                        "hash_type": "sha256"})
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, dest / rel)
+    return entries
 
 
 def export_bundle(bundle: str | os.PathLike, out: str | os.PathLike, version: str | None = None,
@@ -517,8 +581,8 @@ def export_bundle(bundle: str | os.PathLike, out: str | os.PathLike, version: st
         ckpt: the trained student (default ``<bundle>/models/model.pt``): a state dict, or a dict holding one under
             ``"model"``; saved as the bare state dict after a strict load into ``network_def``.
         teacher: a teacher checkpoint to ship as ``models/teacher.pt`` (default ``<bundle>/models/teacher.pt`` when
-            it exists), checked strictly against ``teacher_def`` of ``train.json``.
-        overwrite: replace an existing ``out`` instead of refusing.
+            it exists and ``train.json`` has a ``teacher_def``), checked strictly against ``teacher_def``.
+        overwrite: replace an existing ``out`` (and large-files folder) instead of refusing.
         large_files_url: base URL the large files will be uploaded to (``<url>/<path in bundle>`` goes into
             ``large_files.yml``); empty URLs are written otherwise, to be filled in before publishing.
         large_files_dir: where files over ``large_file_mb`` go (default ``<out>_large_files`` beside ``out``).
@@ -530,10 +594,10 @@ def export_bundle(bundle: str | os.PathLike, out: str | os.PathLike, version: st
         an :class:`ExportReport`.
 
     Raises:
-        FileNotFoundError: missing bundle folder, student checkpoint, LICENSE or template.
-        FileExistsError: ``out`` exists and ``overwrite`` is False.
-        ValueError: bad version, a checkpoint that does not fit the network, a development/local package version,
-            ``out`` overlapping the source bundle.
+        FileNotFoundError: missing bundle folder, student or teacher checkpoint, LICENSE or template.
+        FileExistsError: ``out`` (or, when files are large, the large-files folder) exists and ``overwrite`` is False.
+        ValueError: bad version, a checkpoint that does not fit its network, a development/local package version,
+            a config that reaches outside the bundle, ``out`` overlapping the source bundle.
     """
     src = Path(bundle).resolve()
     out = Path(out).absolute()
@@ -559,78 +623,40 @@ def export_bundle(bundle: str | os.PathLike, out: str | os.PathLike, version: st
         raise FileNotFoundError(f"no trained student to export: {student} does not exist; train the bundle first "
                                 f"(python -m monai.bundle run --config_file {src.name}/configs/train.json ...) or "
                                 f"pass --ckpt PATH")
-    if teacher is None and (src / "models" / "teacher.pt").is_file():
+    package = vendored_package_name(src.name)
+    configs, verbatim, recipes, skipped = _collect_configs(src, package)
+    if teacher is None and "teacher_def" in configs.get("train.json", {}) and (src / "models" / "teacher.pt").is_file():
         teacher = src / "models" / "teacher.pt"
     if teacher is not None and not Path(teacher).is_file():
         raise FileNotFoundError(f"teacher checkpoint not found: {teacher}")
 
-    package = vendored_package_name(src.name)
-    repo_root = src.parents[1]
-
-    # configs: everything a user runs from configs/ (train, evaluate, inference, multi-GPU, stages), recipes that
-    # stay inside the bundle once rewritten
-    configs: dict[str, Any] = {}
-    verbatim: list[str] = []
-    for path in sorted((src / "configs").iterdir()):
-        if path.name == "metadata.json" or path.is_dir():
-            continue
-        if path.suffix == ".json":
-            configs[path.name] = rewrite_config(json.loads(path.read_text()), package)
-            reason = _not_self_contained(configs[path.name], repo_root)
-            if reason:
-                raise ValueError(f"{src.name}/configs/{path.name} is not self-contained: {reason}")
-        elif path.name == "logging.conf":
-            verbatim.append(path.name)
-        else:
-            raise ValueError(f"{src.name}/configs/{path.name}: only JSON configs (and logging.conf) can be exported")
-    recipes: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    for path in sorted((src / "configs" / "recipes").glob("*.json")):
-        rewritten = rewrite_config(json.loads(path.read_text()), package)
-        reason = _not_self_contained(rewritten, repo_root)
-        if reason:
-            skipped[path.name] = reason
-        else:
-            recipes[f"recipes/{path.name}"] = rewritten
-    originals = [json.loads((src / "configs" / n).read_text()) for n in configs] + \
-        [json.loads((src / "configs" / n).read_text()) for n in recipes]
-    references = set().union(*(config_references(c) for c in originals))
-    modules, whole = required_modules(references or {SOURCE})
+    # the vendored modules: the import closure of what the configs name
+    originals = [json.loads((src / "configs" / name).read_text()) for name in [*configs, *recipes]]
+    modules, whole = required_modules(set().union(*(config_references(c) for c in originals)) or {SOURCE})
+    files = {name: _module_file(name, SOURCE_DIR) for name in sorted(modules)}
 
     # weights, checked against the networks the configs build
     student_state = _checked_weights(student, src, "inference.json", "network_def", "student checkpoint")
-    teacher_state = _checked_weights(Path(teacher), src, "train.json", "teacher_def", "teacher checkpoint") \
-        if teacher is not None else None
+    teacher_state = None if teacher is None else \
+        _checked_weights(Path(teacher), src, "train.json", "teacher_def", "teacher checkpoint")
 
-    # vendored code and the packages it needs
-    files = {name: _module_file(name, SOURCE_DIR) for name in sorted(modules)}
-    third_party = set().union(*(_top_level_imports(p) for p in files.values())) | _config_imports(configs.values()) \
-        | _config_imports(recipes.values())
-    third_party -= {SOURCE, package}
+    # the packages the code and the configs import, pinned to the installed releases
+    imported = set().union(*(_top_level_imports(p) for p in files.values()), _config_imports([*configs.values(),
+                                                                                              *recipes.values()]))
     listed = [*meta.get("required_packages_version", {}), *meta.get("optional_packages_version", {})]
-    pins = package_pins(third_party, listed)
+    pins = package_pins(imported - {SOURCE, package}, listed)
+    meta = _export_metadata(meta, version, changelog, pins, note=f"model-zoo export of the medkd bundle {src.name} "
+                            f"(medkd {medkd.__version__}, code vendored as {package})")
 
-    meta = dict(meta)
-    meta["version"] = version
-    if version not in meta.get("changelog", {}):
-        entry = changelog or f"model-zoo export of the medkd bundle {src.name} (medkd {medkd.__version__}, code " \
-                             f"vendored as {package})"
-        meta["changelog"] = {version: entry, **meta.get("changelog", {})}
-    _pin_core(meta)
-    meta["required_packages_version"] = dict(pins)
-    meta["optional_packages_version"] = dict(pins)
-
-    stage = out.parent / f".{out.name}.export-{uuid.uuid4().hex[:8]}"
-    bundle_dir, large_stage = stage / "bundle", stage / "large_files"
+    token = uuid.uuid4().hex[:8]
+    bundle_dir = out.parent / f".{out.name}.export-{token}"
+    large_stage = large_dir.parent / f".{large_dir.name}.export-{token}"
     try:
-        (bundle_dir / "configs").mkdir(parents=True)
-        (bundle_dir / "models").mkdir()
-        (bundle_dir / "docs").mkdir()
-        for name, config in {**configs, **recipes}.items():
-            target = bundle_dir / "configs" / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(zoo_json(config))
-        (bundle_dir / "configs" / "metadata.json").write_text(zoo_json(meta))
+        for sub in ("configs", "models", "docs"):
+            (bundle_dir / sub).mkdir(parents=True)
+        for name, config in {**configs, **recipes, "metadata.json": meta}.items():
+            (bundle_dir / "configs" / name).parent.mkdir(parents=True, exist_ok=True)
+            (bundle_dir / "configs" / name).write_text(zoo_json(config))
         for name in verbatim:
             shutil.copy2(src / "configs" / name, bundle_dir / "configs" / name)
         shutil.copy2(src / "LICENSE", bundle_dir / "LICENSE")
@@ -640,42 +666,28 @@ def export_bundle(bundle: str | os.PathLike, out: str | os.PathLike, version: st
         torch.save(student_state, bundle_dir / "models" / "model.pt")
         if teacher_state is not None:
             torch.save(teacher_state, bundle_dir / "models" / "teacher.pt")
-        for name, path in files.items():
-            rel = path.relative_to(SOURCE_DIR)
-            target = bundle_dir / package / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            text = rewrite_python_imports(path.read_text(), package, filename=f"{SOURCE}/{rel}")
-            if name == SOURCE:
-                text += f'\n__vendored_from__ = "{SOURCE} {medkd.__version__}"\n'
-            target.write_text(text)
+        _write_vendored(files, package, bundle_dir)
 
         # files over the zoo's limit leave the bundle; large_files.yml says where to fetch them and their hash
-        entries, moved = [], {}
-        for path in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
-            if path.stat().st_size <= large_file_mb * 1024 * 1024:
-                continue
-            rel = path.relative_to(bundle_dir).as_posix()
-            entries.append({"path": rel, "url": f"{large_files_url.rstrip('/')}/{rel}" if large_files_url else "",
-                            "hash_val": _sha256(path), "hash_type": "sha256"})
-            (large_stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.rename(path, large_stage / rel)
-            moved[rel] = large_dir / rel
-        (bundle_dir / "large_files.yml").write_text(yaml.safe_dump({"large_files": entries}, sort_keys=False))
-
-        values = _card_values(src, meta, package, modules, whole, pins, configs, recipes, skipped, entries,
+        large = _move_large_files(bundle_dir, large_file_mb, large_files_url, large_stage)
+        if large and large_dir.exists() and not overwrite:
+            raise FileExistsError(f"{large_dir} exists; pass --overwrite to replace it")
+        (bundle_dir / "large_files.yml").write_text(yaml.safe_dump({"large_files": large}, sort_keys=False))
+        values = _card_values(src, meta, package, modules, whole, pins, configs, recipes, skipped, large,
                               teacher_state is not None, large_dir)
         (bundle_dir / "docs" / "README.md").write_text(render_model_card(template_path.read_text(), values))
 
         if out.exists() and not overwrite:  # appeared while exporting
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
         _replace_dir(bundle_dir, out)
-        if moved:
+        if large:
             _replace_dir(large_stage, large_dir)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(bundle_dir, ignore_errors=True)
+        shutil.rmtree(large_stage, ignore_errors=True)
     return ExportReport(path=out, package=package, modules=sorted(modules), whole_package=whole, pins=pins,
                         configs=sorted([*configs, *verbatim]), recipes=sorted(recipes), skipped_recipes=skipped,
-                        large_files=moved)
+                        large_files={e["path"]: large_dir / e["path"] for e in large})
 
 
 def _card_values(src: Path, meta: dict, package: str, modules: set[str], whole: bool, pins: dict[str, str],
