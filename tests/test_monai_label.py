@@ -78,7 +78,8 @@ def test_merged_config_is_the_bundle_cli_merge():
     """A recipe replaces its top-level keys and its ``a#b`` ids; everything else is the bundle's config."""
     cdir = BUNDLES / "graph_flow_segmentation" / "configs"
     base, recipe = read_json(cdir / "train.json"), read_json(cdir / "recipes" / "demo_3d.json")
-    merged = merged_config(cdir / "train.json", ["recipes/demo_3d.json"], {"val_interval": 7, "train#dataloader#shuffle": False})
+    overrides = {"val_interval": 7, "train#dataloader#shuffle": False}
+    merged = merged_config(cdir / "train.json", ["recipes/demo_3d.json"], overrides)
     assert merged["spatial_dims"] == 3 and merged["roi_size"] == recipe["roi_size"] == [64, 64, 64]
     assert merged["dataset_dir"] == recipe["dataset_dir"] and merged["val_interval"] == 7
     assert merged["discriminator"]["conv_dim"] == 16
@@ -105,7 +106,8 @@ def test_prepare_app_2d(tmp_path, fake_sample_app, checkpoints):
     out = prepare_app(BUNDLE, app, checkpoints=checkpoints, teacher=teacher, sample_app=fake_sample_app)
     assert out == app / "model" / BUNDLE
     assert (app / "main.py").is_file() and (app / "lib" / "x.py").is_file() and not (app / "__pycache__").exists()
-    assert sorted(p.name for p in (out / "models").iterdir()) == ["model.pt", "paraphraser.pt", "teacher.pt"]  # no *_state.pt
+    # stage outputs and the teacher; no resume state (*_state.pt)
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["model.pt", "paraphraser.pt", "teacher.pt"]
     assert (out / "models" / "model.pt").read_bytes() == b"model.pt"
     assert (out / "models" / "teacher.pt").read_bytes() == b"teacher"
     for name in ("LICENSE", "docs/README.md", "configs/logging.conf", "configs/multi_gpu_train.json"):
@@ -115,7 +117,8 @@ def test_prepare_app_2d(tmp_path, fake_sample_app, checkpoints):
     infer, infer_src = read_json(out / "configs" / "inference.json"), read_json(src / "inference.json")
     assert infer["postprocessing"]["transforms"][:-1] == infer_src["postprocessing"]["transforms"]
     assert infer["postprocessing"]["transforms"][-1] == {"_target_": "SqueezeDimd", "keys": "pred", "dim": 0}
-    assert {k: v for k, v in infer.items() if k != "postprocessing"} == {k: v for k, v in infer_src.items() if k != "postprocessing"}
+    assert {k: v for k, v in infer.items() if k != "postprocessing"} == \
+        {k: v for k, v in infer_src.items() if k != "postprocessing"}
     parser = ConfigParser(infer)
     parser["bundle_root"] = str(out)
     assert type(parser.get_parsed_content("postprocessing").transforms[-1]).__name__ == "SqueezeDimd"
@@ -139,7 +142,8 @@ def test_prepare_app_3d_recipe_and_refresh(tmp_path, fake_sample_app, checkpoint
     assert infer["spatial_dims"] == 3 and infer["roi_size"] == [32, 32, 32]
     assert infer["postprocessing"] == read_json(BUNDLES / BUNDLE / "configs" / "inference.json")["postprocessing"]
     train = read_json(out / "configs" / "train.json")
-    assert (train["spatial_dims"], train["roi_size"], train["resume"], train["val_interval"]) == (3, [32, 32, 32], False, 1)
+    got = (train["spatial_dims"], train["roi_size"], train["resume"], train["val_interval"])
+    assert got == (3, [32, 32, 32], False, 1)
     fmt = read_json(out / "configs" / "metadata.json")["network_data_format"]
     src_fmt = read_json(BUNDLES / BUNDLE / "configs" / "metadata.json")["network_data_format"]
     for group in ("inputs", "outputs"):
@@ -199,7 +203,8 @@ def free_port() -> int:
 def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
     """A ``multipart/form-data`` body and its content type (the stdlib has no encoder)."""
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
     for key, (filename, data) in files.items():
         head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"; filename="{filename}"\r\n'
                 "Content-Type: application/octet-stream\r\n\r\n")
@@ -216,7 +221,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "server.log"
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-        env.update(MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"), BUNDLE_DOWNLOAD_SRC="github", PYTHONUNBUFFERED="1")
+        env.update(MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"), BUNDLE_DOWNLOAD_SRC="github",
+                   PYTHONUNBUFFERED="1")
         cmd = [str(python), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
                "--host", "127.0.0.1", "--port", str(self.port), "--conf", "models", ",".join(models),
                "--conf", "zoo_source", "github", "--conf", "sam2", "false"]
@@ -261,11 +267,13 @@ class Server:
 
     def infer(self, model: str, image: Path, workdir: Path) -> nib.Nifti1Image:
         """``POST /infer/<model>?output=image`` with ``image`` uploaded; the returned label as NIfTI."""
-        body, ctype = multipart({"params": json.dumps({"result_dtype": "uint8"})}, {"file": (image.name, image.read_bytes())})
+        params = {"params": json.dumps({"result_dtype": "uint8"})}
+        body, ctype = multipart(params, {"file": (image.name, image.read_bytes())})
         data = self.request("POST", f"/infer/{model}?output=image", body, ctype)
         out = workdir / f"{model}_{image.name}"
         out.write_bytes(data)
-        assert gzip.decompress(data)[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c"), "the answer is not a gzipped NIfTI"
+        nifti1_header_size = (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")  # 348, either byte order
+        assert gzip.decompress(data)[:4] in nifti1_header_size, "the answer is not a gzipped NIfTI-1 file"
         return nib.load(str(out))
 
     def stop(self) -> None:
@@ -284,8 +292,8 @@ def train_student(data: Path, out: Path, configs: list[str], tiny: dict, epochs:
     short = {**tiny, "epochs": epochs, "val_interval": epochs}
     run_workflow("supervised_segmentation", configs, dataset_dir=str(data), ckpt_dir=str(out / "teacher"),
                  output_dir=str(out / "teacher" / "eval"), **{**tiny, "epochs": 2, "val_interval": 2})
-    run_workflow(BUNDLE, configs, dataset_dir=str(data), ckpt_dir=str(out / "student"), output_dir=str(out / "student" / "eval"),
-                 teacher_ckpt=str(out / "teacher" / "model.pt"), **short)
+    run_workflow(BUNDLE, configs, dataset_dir=str(data), ckpt_dir=str(out / "student"),
+                 output_dir=str(out / "student" / "eval"), teacher_ckpt=str(out / "teacher" / "model.pt"), **short)
     return out / "student", out / "teacher" / "model.pt"
 
 
@@ -295,7 +303,8 @@ def reference_labels(data: Path, ckpt: Path, configs: list[str], tiny: dict, out
                   roi_size=tiny["roi_size"])
     wf.run()
     wf.finalize()
-    return {p.name.replace("_seg.nii.gz", ".nii.gz"): np.asarray(nib.load(str(p)).dataobj) for p in out.glob("*_seg.nii.gz")}
+    return {p.name.replace("_seg.nii.gz", ".nii.gz"): np.asarray(nib.load(str(p)).dataobj)
+            for p in out.glob("*_seg.nii.gz")}
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +331,8 @@ def served(label_python, tiny2d, tiny3d, tmp_path_factory):
     names = {"3d": "emkd_3d_segmentation", "2d": BUNDLE}
     prepare_app(BUNDLE, app, checkpoints=ckpt3d, teacher=teacher3d, name=names["3d"], recipes=["recipes/demo_3d.json"],
                 overrides={"roi_size": TINY_3D["roi_size"], "batch_size": 1, "val_batch_size": 1}, sample_app=sample)
-    prepare_app(BUNDLE, app, checkpoints=ckpt2d, teacher=teacher2d, name=names["2d"], overrides={"roi_size": TINY_2D["roi_size"]}, sample_app=sample)
+    prepare_app(BUNDLE, app, checkpoints=ckpt2d, teacher=teacher2d, name=names["2d"],
+                overrides={"roi_size": TINY_2D["roi_size"]}, sample_app=sample)
 
     # the datastore: the 3D training and validation subjects with final labels (MONAI Label trains on those)
     studies = work / "studies"
@@ -332,7 +342,8 @@ def served(label_python, tiny2d, tiny3d, tmp_path_factory):
         name = Path(item["image"]).name
         (studies / name).write_bytes((tiny3d / item["image"]).read_bytes())
         (studies / "labels" / "final" / name).write_bytes((tiny3d / item["label"]).read_bytes())
-    tests = {dims: [ds / d["image"] for d in read_json(ds / "datalist.json")["test"]] for dims, ds in (("3d", tiny3d), ("2d", tiny2d))}
+    tests = {dims: [ds / d["image"] for d in read_json(ds / "datalist.json")["test"]]
+             for dims, ds in (("3d", tiny3d), ("2d", tiny2d))}
 
     server = Server(label_python, app, studies, list(names.values()), work)
     try:
@@ -376,7 +387,8 @@ def test_infer_over_http(served, dims):
         ref = served["refs"][dims][image_path.name]
         assert ref.shape == values.shape
         agreement = (ref == values).mean()
-        print(f"{name} {image_path.name}: foreground {(values > 0).mean():.3f}, agreement with inference.json {agreement:.5f}")
+        print(f"{name} {image_path.name}: foreground {(values > 0).mean():.3f}, "
+              f"agreement with inference.json {agreement:.5f}")
         assert agreement > 0.999, f"{name}: MONAI Label and the bundle's inference.json agree on only {agreement:.4f}"
 
 
