@@ -330,7 +330,8 @@ def eval_parser(bundle: str, **overrides) -> ConfigParser:
 def test_evaluate_json_selects_every_protocol(bundle, tmp_path):
     handlers = eval_parser(bundle)["validate#handlers"]
     index = [h["_target_"] for h in handlers].index("medkd.engines.ProtocolSaver")
-    assert eval_parser(bundle)["eval_protocol"] == "dice_hd95"
+    # the project's common protocol by default; the GKD bundle evaluates cross-domain with GKD's own protocol
+    assert eval_parser(bundle)["eval_protocol"] == {"gkd_segmentation": "gkd"}.get(bundle, "dice_hd95")
     for protocol in PROTOCOL_OPTIONS:
         parser = eval_parser(bundle, eval_protocol=protocol, output_dir=str(tmp_path))
         saver = parser.get_parsed_content(f"validate#handlers#{index}")
