@@ -362,3 +362,19 @@ def test_fsd_saver_pairs_teacher_student_and_source_target(parts, tmp_path):
     assert rows[("source_target", "clean", "shift")]["dim"] == 4  # PCA to min(n) - 1 for 5 images per domain
     lines = (tmp_path / "fsd.csv").read_text().splitlines()
     assert lines[0] == "pairing,group_a,group_b,fsd,dim,n_a,n_b" and len(lines) == 4
+
+
+def test_gkd_bundle_evaluates_a_baseline_recipe_without_msans(tiny2d, teacher_2d, tmp_path):
+    """A baseline recipe trains no MSANs: its evaluation scores both protocols and skips the FSD (no msan.pt)."""
+    from conftest import TINY_2D, run_workflow, workflow
+
+    common = dict(dataset_dir=str(tiny2d), ckpt_dir=str(tmp_path), teacher_ckpt=str(teacher_2d), **TINY_2D)
+    wf = workflow("gkd_segmentation", ["train.json", "recipes/kd_cwd.json"], output_dir=str(tmp_path / "train"), **common)
+    wf.run()  # no stage runs before it: the recipe needs none
+    wf.finalize()
+    assert not (tmp_path / "msan.pt").exists() and (tmp_path / "model.pt").is_file()
+    run_workflow("gkd_segmentation", ["train.json", "recipes/kd_cwd.json", "evaluate.json"],
+                 output_dir=str(tmp_path / "eval"), eval_domains={"a": str(tiny2d), "b": str(tiny2d)}, **common)
+    pooled = (tmp_path / "eval" / "gkd_pooled.csv").read_text().splitlines()
+    assert pooled[0].startswith("domain,") and {line.split(",")[0] for line in pooled[1:]} == {"a", "b"}
+    assert not (tmp_path / "eval" / "fsd.csv").exists()
