@@ -3,7 +3,6 @@ ProtocolSaver's group_key) and the domain-shifted demo data."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -17,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import BUNDLES, TINY_2D, run_workflow
-from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.metrics import compute_roc_auc
+from test_eval_protocols import num, read_csv, run_engine
 
 from medkd.data import check_datalist, load_datalist, load_domains, prepare_demo
 from medkd.data.demo import SHIFT_PRESETS, DomainShift
@@ -47,23 +46,6 @@ def random_case(rng, shape, n=2, noise=1.5) -> tuple[np.ndarray, np.ndarray]:
     logits = rng.normal(0.0, noise, (n, *shape)) + 2.0 * onehot(label, n).numpy()
     e = np.exp(logits)
     return label, e / e.sum(0)
-
-
-def run_engine(saver: ProtocolSaver, iterations) -> None:
-    """A bare Ignite engine: state.batch holds the datalist fields, state.output the predictions."""
-    keep = ("pred", "label", "prob", "image")
-    engine = Engine(lambda eng, batch: [{k: v for k, v in x.items() if k in keep} for x in batch])
-    saver.attach(engine)
-    engine.run(iterations, max_epochs=1)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def num(s: str) -> float:
-    return float(s) if s != "" else math.nan
 
 
 def same(a: float, b: float) -> bool:

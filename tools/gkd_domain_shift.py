@@ -22,7 +22,7 @@ from pathlib import Path
 
 import fire
 
-from medkd.demo import _ensure_data, _run_bundle, bundles_dir, first_iteration_scalars
+from medkd.demo import _ensure_data, _run_bundle, first_iteration_scalars
 
 GKD, SUPERVISED = "gkd_segmentation", "supervised_segmentation"
 DOMAINS = ("clean", "shift")
