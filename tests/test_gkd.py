@@ -221,7 +221,7 @@ def test_act_objective_equals_its_formula(parts, tmp_path):
     s_msan = AlignmentNetwork(16, vector_dim=16, grid=2, hidden=8)
     weights = {"rec_weight": 0.5, "align_weight": 2.0, "psae_weight": 3.0, "task_weight": 0.25}
     act = AlignmentConsistencyObjective(parts["teacher"], parts["teacher_ckpt"], student, student_ckpt, psae, psae_ckpt,
-                                        t_msan, s_msan, CE(), 3, **weights).train()
+                                        t_msan, s_msan, CE(), **weights).train()
     x, y = torch.randn(3, 1, 32, 32), torch.randint(0, 3, (3, 1, 32, 32))
     out = act(x, y)
     teacher = parts["teacher"].eval()
@@ -257,7 +257,7 @@ def test_act_trains_the_msans_only_and_refuses_missing_stage_files(parts, tmp_pa
     student, student_ckpt, psae, psae_ckpt = act_parts(parts, tmp_path)
     t_msan, s_msan = AlignmentNetwork(64, vector_dim=16, grid=2, hidden=8), AlignmentNetwork(16, vector_dim=16, grid=2, hidden=8)
     act = AlignmentConsistencyObjective(parts["teacher"], parts["teacher_ckpt"], student, student_ckpt, psae, psae_ckpt,
-                                        t_msan, s_msan, CE(), 3)
+                                        t_msan, s_msan, CE())
     frozen = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in
               (("teacher", parts["teacher"]), ("student", student), ("psae", psae))}
     msan_before = [p.clone() for p in act.msan.parameters()]
@@ -273,16 +273,19 @@ def test_act_trains_the_msans_only_and_refuses_missing_stage_files(parts, tmp_pa
     assert any(not torch.equal(a, b) for a, b in zip(msan_before, act.msan.parameters()))
     with pytest.raises(FileNotFoundError, match="pretrain_psae.json"):
         AlignmentConsistencyObjective(parts["teacher"], parts["teacher_ckpt"], student, student_ckpt, psae,
-                                      str(tmp_path / "none.pt"), t_msan, s_msan, CE(), 3)
+                                      str(tmp_path / "none.pt"), t_msan, s_msan, CE())
+    with pytest.raises(RuntimeError, match="student checkpoint .*psae.pt does not match network_def UNet"):
+        AlignmentConsistencyObjective(parts["teacher"], parts["teacher_ckpt"], student_net(), psae_ckpt, psae,
+                                      psae_ckpt, t_msan, s_msan, CE())
     with pytest.raises(FileNotFoundError, match="train_baseline.json"):
         AlignmentConsistencyObjective(parts["teacher"], parts["teacher_ckpt"], student, str(tmp_path / "none.pt"), psae,
-                                      psae_ckpt, t_msan, s_msan, CE(), 3)
+                                      psae_ckpt, t_msan, s_msan, CE())
 
 
 def test_psae_objective_is_the_reconstruction_cross_entropy():
     torch.manual_seed(2)
     psae = SemanticAutoEncoder(3, vector_dim=16, channels=(4, 8), grid=2, hidden=8)
-    objective = SemanticAutoEncoderObjective(psae, 3)
+    objective = SemanticAutoEncoderObjective(psae)
     y = torch.randint(0, 3, (2, 1, 16, 16))
     out = objective(torch.randn(2, 1, 16, 16), y)
     logits = psae(F.one_hot(y[:, 0], 3).movedim(-1, 1).float())

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from medkd.data.views import BatchViews
 from medkd.distill.distiller import Distiller
-from medkd.distill.teacher import LiveTeacher, first_tensor, load_teacher_weights
+from medkd.distill.teacher import LiveTeacher, first_tensor
 from medkd.distill.terms import LossTerm
 from medkd.io import load_state_dict_file
 from medkd.networks.taps import resolve_tap
@@ -128,14 +128,6 @@ def load_stage_file(module: nn.Module, path: str | os.PathLike, what: str, stage
     return module.eval()
 
 
-def _one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, 1, *S) integer label map -> (B, K, *S) float one-hot; labels outside 0..K-1 are an error."""
-    lab = label.long()
-    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
-        raise ValueError(f"label values {sorted(set(lab.unique().tolist()))} outside 0..{num_classes - 1}")
-    return F.one_hot(lab[:, 0], num_classes).movedim(-1, 1).float()
-
-
 def _unit_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batch mean of ``‖a/‖a‖ − b/‖b‖‖²`` over the last axis."""
     return (F.normalize(a.float(), dim=-1) - F.normalize(b.float(), dim=-1)).pow(2).sum(-1).mean()
@@ -148,35 +140,17 @@ class SemanticAutoEncoderObjective(nn.Module):
     domain information) and returns ``{"loss": CE, "loss_reconstruction": CE}``.
 
     Args:
-        autoencoder: a :class:`medkd.networks.SemanticAutoEncoder` (``num_classes`` input and output channels).
-        num_classes: K.
+        autoencoder: a :class:`medkd.networks.SemanticAutoEncoder` (its ``num_classes`` input and output channels).
     """
 
-    def __init__(self, autoencoder: nn.Module, num_classes: int):
+    def __init__(self, autoencoder: nn.Module):
         super().__init__()
         self.autoencoder = autoencoder
-        self.num_classes = int(num_classes)
 
     def forward(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.autoencoder(_one_hot(label, self.num_classes))
+        logits = self.autoencoder(self.autoencoder.one_hot(label))
         loss = F.cross_entropy(logits.float(), label[:, 0].long())
         return {"loss": loss, "loss_reconstruction": loss.detach()}
-
-
-class _FrozenNetwork(nn.Module):
-    """A network loaded strictly from a checkpoint, frozen, always in eval mode (teacher or scratch student)."""
-
-    def __init__(self, network: nn.Module, checkpoint, tap: str, role: str):
-        super().__init__()
-        load_teacher_weights(network, checkpoint)
-        network.requires_grad_(False)
-        self.network = network.eval()
-        object.__setattr__(self, "bottleneck", resolve_tap(network, tap, role))  # a reference, not a second registration
-
-    def train(self, mode: bool = True) -> "_FrozenNetwork":
-        super().train(mode)
-        self.network.eval()
-        return self
 
 
 class AlignmentConsistencyObjective(nn.Module):
@@ -201,14 +175,12 @@ class AlignmentConsistencyObjective(nn.Module):
         autoencoder, autoencoder_ckpt: the P-SAE (:class:`medkd.networks.SemanticAutoEncoder`) and its stage-1 file.
         teacher_msan, student_msan: :class:`medkd.networks.AlignmentNetwork` for each bottleneck (same vector size).
         task_loss: ``task_loss(logits, label)`` (e.g. the bundle's DiceFocal loss).
-        num_classes: K (for the P-SAE input).
         rec_weight, align_weight, psae_weight, task_weight: α-style weights (reference default 1 each).
     """
 
     def __init__(self, teacher: nn.Module, teacher_ckpt, student: nn.Module, student_ckpt, autoencoder: nn.Module,
                  autoencoder_ckpt, teacher_msan: nn.Module, student_msan: nn.Module,
-                 task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_classes: int,
-                 teacher_tap: str = "bottleneck", student_tap: str = "bottleneck", rec_weight: float = 1.0,
+                 task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], teacher_tap: str = "bottleneck", student_tap: str = "bottleneck", rec_weight: float = 1.0,
                  align_weight: float = 1.0, psae_weight: float = 1.0, task_weight: float = 1.0):
         super().__init__()
         if not student_ckpt or not os.path.isfile(student_ckpt):
@@ -216,14 +188,18 @@ class AlignmentConsistencyObjective(nn.Module):
                 f"the scratch-trained student's weights were not found: {student_ckpt}. ACT aligns the teacher with a "
                 "student trained without KD: run the train_baseline.json stage first (or point student_baseline_ckpt at "
                 "a model.pt of the same network_def trained by bundles/supervised_segmentation)")
-        frozen_teacher = _FrozenNetwork(teacher, teacher_ckpt, teacher_tap, "teacher")
-        frozen_student = _FrozenNetwork(student, student_ckpt, student_tap, "student")
-        psae = load_stage_file(autoencoder, autoencoder_ckpt, "semantic autoencoder (P-SAE)", "pretrain_psae.json")
-        for name, module in (("teacher", frozen_teacher), ("student", frozen_student), ("autoencoder", psae)):
-            object.__setattr__(self, name, module)  # frozen: not part of this module's parameters or state
+        frozen = {  # frozen (LiveTeacher: strict loading, no gradients, always eval): not part of this module's state
+            "teacher": LiveTeacher(teacher, teacher_ckpt),
+            "student": LiveTeacher(student, student_ckpt, role="student"),
+            "autoencoder": load_stage_file(autoencoder, autoencoder_ckpt, "semantic autoencoder (P-SAE)",
+                                           "pretrain_psae.json"),
+            "teacher_bottleneck": resolve_tap(teacher, teacher_tap, "teacher"),
+            "student_bottleneck": resolve_tap(student, student_tap, "student"),
+        }
+        for name, module in frozen.items():
+            object.__setattr__(self, name, module)
         self.msan = nn.ModuleDict({"teacher": teacher_msan, "student": student_msan})
         self.task_loss = task_loss
-        self.num_classes = int(num_classes)
         self.weights = {"rec": float(rec_weight), "align": float(align_weight), "psae": float(psae_weight),
                         "task": float(task_weight)}
 
@@ -234,11 +210,11 @@ class AlignmentConsistencyObjective(nn.Module):
         return self
 
     def forward(self, image: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
-        t, s = self.teacher, self.student
+        t, s = self.teacher.network, self.student.network
+        t_mod, s_mod = self.teacher_bottleneck, self.student_bottleneck
         with torch.no_grad():
-            f_t = output_of(t.network, t.bottleneck, image)
-            f_s = output_of(s.network, s.bottleneck, image)
-            z_p = self.autoencoder.encode(_one_hot(label, self.num_classes))
+            f_t, f_s = output_of(t, t_mod, image), output_of(s, s_mod, image)
+            z_p = self.autoencoder.code(label)
         e_t, e_s = self.msan["teacher"], self.msan["student"]
         v_t, v_s = e_t.encode(f_t), e_s.encode(f_s)
         terms = {
@@ -247,8 +223,8 @@ class AlignmentConsistencyObjective(nn.Module):
             "align": _unit_distance(v_t, v_s),
             "psae": _unit_distance(v_t, z_p) + _unit_distance(v_s, z_p),
         }
-        cross_t = decode_replacing(t.network, t.bottleneck, image, e_t.header(v_s, f_t.shape[2:]))
-        cross_s = decode_replacing(s.network, s.bottleneck, image, e_s.header(v_t, f_s.shape[2:]))
+        cross_t = decode_replacing(t, t_mod, image, e_t.header(v_s, f_t.shape[2:]))
+        cross_s = decode_replacing(s, s_mod, image, e_s.header(v_t, f_s.shape[2:]))
         task = self.task_loss(cross_t, label) + self.task_loss(cross_s, label)
         terms["task"] = task.mean() if task.ndim else task
         loss = sum(self.weights[k] * v for k, v in terms.items())
@@ -318,7 +294,6 @@ class GKDDistiller(Distiller):
         features = super().features(image, label)
         f_s, f_t = features.pop("s.gkd_bottleneck"), features.pop("t.gkd_bottleneck")
         e_s, e_t = self.msan["student"], self.msan["teacher"]
-        self.msan.eval()
         v_s = e_s.encode(f_s)
         with torch.no_grad():
             v_t = e_t.encode(f_t)

@@ -30,8 +30,12 @@ def first_tensor(output) -> torch.Tensor:
     raise TypeError(f"cannot take logits from a network output of type {type(output).__name__}")
 
 
-def load_teacher_weights(network: nn.Module, path: str | os.PathLike | None) -> None:
-    """Load ``path`` into ``network`` strictly; every failure is an error naming the file and the network."""
+def load_teacher_weights(network: nn.Module, path: str | os.PathLike | None, role: str = "teacher") -> None:
+    """Load ``path`` into ``network`` strictly; every failure is an error naming the file and the network.
+
+    ``role`` names the frozen network in the messages: ``"teacher"`` (config key ``teacher_def``) or ``"student"`` (a
+    frozen, already trained student, ``network_def``)."""
+    definition = "teacher_def" if role == "teacher" else "network_def"
     if path is None or str(path) == "":
         raise ValueError(
             f"teacher_ckpt is required for teacher {type(network).__name__}: a KD run never starts from a random "
@@ -39,7 +43,7 @@ def load_teacher_weights(network: nn.Module, path: str | os.PathLike | None) -> 
         )
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"teacher checkpoint not found: {path}. Train the teacher first (bundles/supervised_segmentation) "
+            f"{role} checkpoint not found: {path}. Train the teacher first (bundles/supervised_segmentation) "
             "or point teacher_ckpt at its models/model.pt."
         )
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
@@ -48,8 +52,8 @@ def load_teacher_weights(network: nn.Module, path: str | os.PathLike | None) -> 
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise RuntimeError(
-            f"teacher checkpoint {path} does not match teacher_def {type(network).__name__}: {e}. "
-            "Check that teacher_def has the architecture the checkpoint was trained with."
+            f"{role} checkpoint {path} does not match {definition} {type(network).__name__}: {e}. "
+            f"Check that {definition} has the architecture the checkpoint was trained with."
         ) from None
 
 
@@ -72,11 +76,13 @@ class LiveTeacher(TeacherSource):
         network: the teacher ``torch.nn.Module``.
         checkpoint: state-dict file (bare, or under a ``"model"`` key).
         taps: feature name -> tap spec (alias or dotted path) of the teacher.
+        role: how error messages name the network (``"teacher"``, or ``"student"`` for a frozen trained student).
     """
 
-    def __init__(self, network: nn.Module, checkpoint: str | os.PathLike | None, taps: dict[str, str] | None = None):
+    def __init__(self, network: nn.Module, checkpoint: str | os.PathLike | None, taps: dict[str, str] | None = None,
+                 role: str = "teacher"):
         super().__init__()
-        load_teacher_weights(network, checkpoint)
+        load_teacher_weights(network, checkpoint, role)
         network.requires_grad_(False)
         self.network = network.eval()
         self.taps = FeatureTaps(network, taps or {}, role="teacher")

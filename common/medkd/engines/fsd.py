@@ -15,7 +15,7 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 
 from medkd.distill.gkd import load_stage_file, output_of
-from medkd.distill.teacher import load_teacher_weights
+from medkd.distill.teacher import LiveTeacher
 from medkd.io import atomic_write_bytes
 from medkd.metrics.fsd import frechet_semantic_distance
 from medkd.networks.taps import resolve_tap
@@ -59,8 +59,7 @@ class FSDSaver:
         self.msan = load_stage_file(msan, msan_ckpt, "MSAN (alignment networks)", "train_msan.json")
         self.teacher = None
         if teacher is not None:
-            load_teacher_weights(teacher, teacher_ckpt)
-            self.teacher = teacher.requires_grad_(False).eval()
+            self.teacher = LiveTeacher(teacher, teacher_ckpt).network  # strict loading, frozen, eval
             self.teacher_module = resolve_tap(teacher, teacher_tap, "teacher")
         self.output_dir = Path(output_dir)
         self.group_key, self.image_key = group_key, image_key

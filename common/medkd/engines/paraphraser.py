@@ -15,7 +15,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from medkd.distill.teacher import LiveTeacher
 from medkd.engines.trainer import amp_enabled, backward_and_step
-from medkd.io import atomic_torch_save
+from medkd.engines.handlers import ModuleSaver
 
 __all__ = ["ParaphraserTrainer", "ParaphraserSaver"]
 
@@ -67,7 +67,8 @@ class ParaphraserTrainer(SupervisedTrainer):
 class ParaphraserSaver:
     """Writes every paraphraser to ``<save_dir>/paraphraser_<tap>.pt`` (atomically) after each epoch.
 
-    These are the files :class:`medkd.distill.ParaphrasedTeacher` loads in the distillation stage.
+    These are the files :class:`medkd.distill.ParaphrasedTeacher` loads in the distillation stage (written by rank 0
+    only, through :class:`medkd.engines.ModuleSaver`).
     """
 
     def __init__(self, paraphrasers: Mapping[str, nn.Module], save_dir: str | os.PathLike):
@@ -78,4 +79,4 @@ class ParaphraserSaver:
 
     def save(self, engine: Engine | None = None) -> None:
         for name, module in self.paraphrasers.items():
-            atomic_torch_save(module.state_dict(), self.save_dir / f"paraphraser_{name}.pt")
+            ModuleSaver(module, self.save_dir / f"paraphraser_{name}.pt").save(engine)

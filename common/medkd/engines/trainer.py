@@ -50,6 +50,16 @@ def mean_across_ranks(scalars: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return dict(zip(keys, packed.unbind(0)))
 
 
+def finite_on_all_ranks(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite on this rank and (under DDP) on every other: all ranks stop together instead of
+    one hanging in the next collective."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
 class AdversaryStep:
     """An extra optimisation step run right after each student step (e.g. a discriminator, WGAN-GP).
 
@@ -140,11 +150,7 @@ class KDTrainer(SupervisedTrainer):
 
     @staticmethod
     def _check_finite(engine: "KDTrainer", out: dict) -> None:
-        finite = torch.isfinite(out["loss"].detach()).to(torch.float32)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():  # all ranks stop together instead of hanging in backward
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if bool(finite):
+        if finite_on_all_ranks(out["loss"]):
             return
         checked = [k for k in out if k == "loss_task" or k.startswith("raw_")]
         bad = [k for k in checked if not math.isfinite(float(out[k]))]
@@ -190,11 +196,7 @@ class ObjectiveTrainer(SupervisedTrainer):
         with torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
             out = engine.network(image, label)
         loss = out["loss"]
-        finite = torch.isfinite(loss.detach()).to(torch.float32)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not bool(finite):
+        if not finite_on_all_ranks(loss):
             scalars = {k: float(v) for k, v in out.items() if k.startswith(("loss", "raw_"))}
             raise FloatingPointError(f"non-finite objective at epoch {engine.state.epoch}, iteration "
                                      f"{engine.state.iteration}: {scalars}; lower the learning rate or check the inputs")

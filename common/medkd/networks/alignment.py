@@ -225,14 +225,18 @@ class SemanticAutoEncoder(nn.Module):
 
     def code(self, label: torch.Tensor) -> torch.Tensor:
         """Semantic code of an integer class map ``(B, 1, *S)`` with values in ``0..K-1``: ``(B, d)``."""
+        return self.encode(self.one_hot(label))
+
+    def one_hot(self, label: torch.Tensor) -> torch.Tensor:
+        """The checked one-hot input ``(B, K, *S)`` of an integer class map ``(B, 1, *S)`` (values in ``0..K-1``)."""
         if label.ndim != self.spatial_dims + 2 or label.shape[1] != 1:
-            raise ValueError(f"SemanticAutoEncoder.code expects a (B, 1, *spatial) class map with "
+            raise ValueError(f"SemanticAutoEncoder expects a (B, 1, *spatial) class map with "
                              f"{self.spatial_dims} spatial axes, got shape {tuple(label.shape)}")
         if label.is_floating_point() and not torch.equal(label, label.round()):
-            raise ValueError("SemanticAutoEncoder.code expects integer class indices, got non-integer values")
+            raise ValueError("SemanticAutoEncoder expects integer class indices, got non-integer values")
         values = torch.unique(label)
         bad = values[(values < 0) | (values >= self.num_classes)]
         if bad.numel():
             raise ValueError(f"label values {bad.tolist()} are outside 0..{self.num_classes - 1} "
                              f"(num_classes={self.num_classes})")
-        return self.encode(one_hot(label.long(), num_classes=self.num_classes, dim=1))
+        return one_hot(label.long(), num_classes=self.num_classes, dim=1)
