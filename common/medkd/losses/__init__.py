@@ -15,6 +15,7 @@ from medkd.losses.contrastive import BinaryLogitKD, ContrastiveDistillation, Sup
 from medkd.losses.gkd import ContrastiveGraphDistillation
 from medkd.losses.graph import CrossLayerSimilarity, GraphFlowEdges, GraphFlowVertices, flow_matrix
 from medkd.losses.logits import PredictionMapDistillation
+from medkd.losses.relation import DISTLoss, SoftDiceDistillation, pearson_distance
 from medkd.losses.region import RegionAffinityDistillation, region_affinities, region_centroids
 from medkd.losses.self_distill import (
     AdversarialTemperatureKD,
@@ -57,6 +58,9 @@ __all__ = [
     "gradient_penalty",
     "ImportanceMapsDistillation",
     "PredictionMapDistillation",
+    "DISTLoss",
+    "SoftDiceDistillation",
+    "pearson_distance",
     "RegionAffinityDistillation",
     "attention_map",
     "region_affinities",
