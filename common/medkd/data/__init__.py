@@ -2,9 +2,10 @@
 
 from medkd.data.datalist import check_datalist, image_shape, load_datalist, load_domains, read_label
 from medkd.data.demo import DemoConfig, prepare_demo
+from medkd.data.mixing import BatchMixing, MixedBatch, mixed_task_loss
 from medkd.data.semi import MarkLabelledd, SemiSupervisedDataset, split_labelled
 
 __all__ = [
-    "DemoConfig", "MarkLabelledd", "SemiSupervisedDataset", "check_datalist", "image_shape", "load_datalist",
-    "load_domains", "prepare_demo", "read_label", "split_labelled",
+    "BatchMixing", "DemoConfig", "MarkLabelledd", "MixedBatch", "SemiSupervisedDataset", "check_datalist", "image_shape",
+    "load_datalist", "load_domains", "mixed_task_loss", "prepare_demo", "read_label", "split_labelled",
 ]
