@@ -4,6 +4,7 @@
     python -m medkd demo [--out demo_results] [--epochs 30]
     python -m medkd profile TARGET [TARGET ...] [--size 256,256] [--pairs T/S,...] [--out profile.md]
     python -m medkd export-bundle bundles/NAME --out DIR [--version X] [--ckpt PATH] [--teacher PATH] [--overwrite]
+    python -m medkd cache-teacher bundles/NAME [--out DIR] [--recipe R.json] [--views 8] [--taps low,high] [--KEY VALUE]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import fire
 
-__all__ = ["main", "prepare", "demo", "profile", "export_bundle"]
+__all__ = ["main", "prepare", "demo", "profile", "export_bundle", "cache_teacher"]
 
 DATASETS = ("demo",)
 
@@ -116,5 +117,41 @@ def export_bundle(bundle: str, out: str, version: str | None = None, ckpt: str |
         print(f"large file {rel} -> {where} (upload it; see large_files.yml)")
 
 
+def cache_teacher(bundle: str, out: str | None = None, recipe: str | None = None, views: int = 8, taps=None,
+                  dtype: str = "float16", batch_size: int = 16, view_seed: int = 0, overwrite: bool = False,
+                  **overrides) -> None:
+    """Run BUNDLE's frozen teacher once over recorded augmented views of its training data and store its outputs.
+
+    The cache (``--out``, default ``<bundle>/teacher_cache``) serves every later run of any recipe and seed that uses
+    this teacher: ``python -m monai.bundle run ... --teacher_cache PATH``. ``--recipe a.json+b.json`` applies recipe
+    files (relative to the bundle's ``configs/``) as the run will; ``--taps low,high`` stores more teacher taps so one
+    cache serves several recipes; ``--views K`` recorded views per item (epoch ``e`` trains on view ``e mod K``);
+    every other ``--key value`` overrides the bundle config (e.g. ``--teacher_ckpt``, ``--dataset_dir``). Interrupted,
+    the same command completes the cache; a cache in OUT built for anything else is refused without ``--overwrite``.
+    Same as ``python -m monai.bundle run --config_file "['configs/train.json',...,'configs/cache_teacher.json']"``.
+    """
+    from monai.bundle import run
+
+    root = Path(bundle)
+    if not root.is_dir() and (Path("bundles") / bundle).is_dir():
+        root = Path("bundles") / bundle
+    configs = root / "configs"
+    if not (configs / "cache_teacher.json").is_file():
+        raise FileNotFoundError(f"{root} has no configs/cache_teacher.json: is it a medkd KD bundle folder?")
+    files = [configs / "train.json"]
+    for part in [p for p in str(recipe or "").split("+") if p]:
+        path = Path(part) if Path(part).is_absolute() else configs / part
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        files.append(path)
+    files.append(configs / "cache_teacher.json")
+    args = {"cache_views": int(views), "cache_dtype": dtype, "cache_batch_size": int(batch_size),
+            "cache_view_seed": int(view_seed), "cache_overwrite": bool(overwrite), "cache_taps": _as_list(taps)}
+    if out:
+        args["cache_dir"] = str(Path(out).absolute())
+    run(config_file=[str(f) for f in files], bundle_root=str(root), **args, **overrides)
+
+
 def main() -> None:
-    fire.Fire({"prepare": prepare, "demo": demo, "profile": profile, "export-bundle": export_bundle}, name="medkd")
+    fire.Fire({"prepare": prepare, "demo": demo, "profile": profile, "export-bundle": export_bundle,
+               "cache-teacher": cache_teacher}, name="medkd")

@@ -1,5 +1,6 @@
 """Distillation core: feature taps, loss terms, teacher sources and the Distiller module."""
 
+from medkd.distill.cache import CachedTeacher, TeacherCache, TeacherViews, build_teacher_cache
 from medkd.distill.distiller import Distiller
 from medkd.distill.gkd import (
     AlignmentConsistencyObjective,
@@ -24,6 +25,10 @@ __all__ = [
     "output_of",
     "tap_channels",
     "AuxiliaryHead",
+    "CachedTeacher",
+    "TeacherCache",
+    "TeacherViews",
+    "build_teacher_cache",
     "ClassWiseFeatures",
     "Distiller",
     "FeatureReconstruction",

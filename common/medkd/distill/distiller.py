@@ -57,6 +57,10 @@ class Distiller(nn.Module):
 
     #: feature names (``s.<name>`` / ``t.<name>``) that a subclass's :meth:`features` computes itself: not taps.
     derived_features: tuple[str, ...] = ()
+    #: whether the teacher outputs may come from a cache (:meth:`use_teacher_cache`); subclasses that run the teacher
+    #: on anything but the batch image (e.g. GKD's views) set it False and say why in :attr:`teacher_cache_refusal`.
+    supports_teacher_cache: bool = True
+    teacher_cache_refusal: str = ""
 
     def __init__(
         self,
@@ -103,6 +107,29 @@ class Distiller(nn.Module):
             student, {n: (student_taps or {}).get(n, n) for n in sorted(needed["s"])}, role="student"
         )
 
+    def use_teacher_cache(self, cache) -> None:
+        """Serve the teacher outputs from a cache (offline KD) instead of running the teacher.
+
+        The run's live teacher stays (never run on images) to check the cache: same checkpoint (sha256), every tap
+        the terms read cached at the same place; a mismatch is an error naming it. The batches must carry the cached
+        outputs (``t.logits``, ``t.<tap>`` keys; :class:`medkd.distill.cache.TeacherViews` puts them there), passed to
+        :meth:`forward` as ``teacher_outputs``.
+
+        Args:
+            cache: a teacher cache folder (``python -m medkd cache-teacher``) or a ``TeacherCache``.
+        """
+        from medkd.distill.cache import CachedTeacher
+
+        if not self.supports_teacher_cache:
+            raise ValueError(self.teacher_cache_refusal or f"{type(self).__name__} cannot use a teacher cache")
+        if self.teacher is None or not self.uses_teacher:
+            raise ValueError(
+                "teacher_cache is set but this recipe reads no teacher output (self-distillation or supervised "
+                "training): remove teacher_cache"
+            )
+        if not isinstance(self.teacher, CachedTeacher):
+            object.__setattr__(self, "teacher", CachedTeacher(cache, self.teacher))
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Student parameters followed by every KD term's own parameters (adapters); never the teacher's."""
         yield from (p for p in self.student.parameters() if p.requires_grad)
@@ -114,13 +141,24 @@ class Distiller(nn.Module):
             self.teacher.train(False)
         return self
 
-    def features(self, image: torch.Tensor, label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The feature dict of one step: ``image``, ``label``, teacher outputs (``t.*``), student logits and taps."""
+    def features(self, image: torch.Tensor, label: torch.Tensor | None = None,
+                 teacher_outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The feature dict of one step: ``image``, ``label``, teacher outputs (``t.*``), student logits and taps.
+
+        ``teacher_outputs``: the cached teacher outputs of this batch (offline KD, see :meth:`use_teacher_cache`)."""
         features: dict[str, torch.Tensor] = {"image": image}
         if label is not None:
             features["label"] = label
         if self.uses_teacher:
-            features.update(self.teacher(image))  # type: ignore[misc]
+            if teacher_outputs:
+                from medkd.distill.cache import CachedTeacher
+
+                if not isinstance(self.teacher, CachedTeacher):
+                    raise ValueError("the batch carries cached teacher outputs but the Distiller runs a live teacher: "
+                                     "set teacher_cache for the trainer too (the bundles' teacher_cache key does both)")
+                features.update(self.teacher(image, teacher_outputs))  # type: ignore[misc]
+            else:
+                features.update(self.teacher(image))  # type: ignore[misc]
         with self.student_taps.capture() as taps:
             logits = first_tensor(self.student(image))
         self.student_taps.check_captured(taps)
@@ -128,8 +166,9 @@ class Distiller(nn.Module):
         features.update({f"s.{k}": v for k, v in taps.items()})
         return features
 
-    def forward(self, image: torch.Tensor, label: torch.Tensor | None = None, labelled: torch.Tensor | None = None) -> dict:
-        features = self.features(image, label)
+    def forward(self, image: torch.Tensor, label: torch.Tensor | None = None, labelled: torch.Tensor | None = None,
+                teacher_outputs: dict[str, torch.Tensor] | None = None) -> dict:
+        features = self.features(image, label, teacher_outputs)
         logits = features["s.logits"]
         mask = None if labelled is None else labelled.to(device=logits.device, dtype=torch.bool).view(-1)
         labelled_features = features if mask is None else {k: v[mask] for k, v in features.items()}

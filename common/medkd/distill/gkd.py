@@ -262,6 +262,13 @@ class GKDDistiller(Distiller):
     """
 
     derived_features = ("vectors", "cross_logits")
+    supports_teacher_cache = False
+    teacher_cache_refusal = (
+        "GKD cannot use a teacher cache: its teacher runs on augmented views made from each batch during training "
+        "(dual contrastive graph distillation) and decodes the student's exchanged bottleneck (cross distillation), "
+        "neither of which exists before the run. Remove teacher_cache, or use a recipe with a plain Distiller "
+        "(e.g. configs/recipes/kd_logits.json or vanilla_kd.json), which can."
+    )
 
     def __init__(self, student: nn.Module, task_loss: Callable, terms: Sequence[LossTerm], teacher: nn.Module,
                  teacher_ckpt, teacher_msan: nn.Module, student_msan: nn.Module, msan_ckpt,
@@ -290,8 +297,9 @@ class GKDDistiller(Distiller):
         self.msan.eval()
         return self
 
-    def features(self, image: torch.Tensor, label: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        features = super().features(image, label)
+    def features(self, image: torch.Tensor, label: torch.Tensor | None = None,
+                 teacher_outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        features = super().features(image, label, teacher_outputs)
         f_s, f_t = features.pop("s.gkd_bottleneck"), features.pop("t.gkd_bottleneck")
         e_s, e_t = self.msan["student"], self.msan["teacher"]
         v_s = e_s.encode(f_s)

@@ -1,9 +1,8 @@
 """The teacher side of the feature dict.
 
 The :class:`Distiller` asks one :class:`TeacherSource` for ``{"t.logits": ..., "t.<tap>": ...}`` per batch.
-:class:`LiveTeacher` runs a frozen network; an offline source (a cache of precomputed teacher outputs,
-transformed with the image's spatial augmentation) can implement the same interface without touching the
-losses or the bundles.
+:class:`LiveTeacher` runs a frozen network; :class:`medkd.distill.cache.CachedTeacher` serves outputs precomputed on
+recorded augmented views (offline KD) through the same interface, without touching the losses or the bundles.
 """
 
 from __future__ import annotations
@@ -83,6 +82,7 @@ class LiveTeacher(TeacherSource):
                  role: str = "teacher"):
         super().__init__()
         load_teacher_weights(network, checkpoint, role)
+        self.checkpoint = str(checkpoint)
         network.requires_grad_(False)
         self.network = network.eval()
         self.taps = FeatureTaps(network, taps or {}, role="teacher")
@@ -101,7 +101,11 @@ class LiveTeacher(TeacherSource):
         self.taps.check_captured(feats)
         out = {"t.logits": logits}
         out.update({f"t.{k}": v for k, v in feats.items()})
-        return out
+        return self.encode_taps(out)
+
+    def encode_taps(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What this source makes of the raw teacher outputs (identity here); also applied to cached outputs."""
+        return outputs
 
 
 class ParaphrasedTeacher(LiveTeacher):
@@ -145,8 +149,9 @@ class ParaphrasedTeacher(LiveTeacher):
         return self
 
     @torch.no_grad()
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = super().forward(image)
+    def encode_taps(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The raw teacher taps replaced by their paraphraser factors (live or cached outputs alike)."""
+        out = dict(outputs)
         self.paraphrasers.eval()
         for name, module in self.paraphrasers.items():
             out[f"t.{name}"] = module.encode(out[f"t.{name}"])

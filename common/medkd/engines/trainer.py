@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from typing import Any, Sequence
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
@@ -13,6 +16,8 @@ from monai.utils.enums import CommonKeys as Keys
 from medkd.distill import Distiller
 
 __all__ = ["KDTrainer", "AdversaryStep", "ObjectiveTrainer", "mean_across_ranks"]
+
+logger = logging.getLogger(__name__)
 
 
 def amp_enabled(engine: SupervisedTrainer) -> bool:
@@ -91,18 +96,29 @@ class KDTrainer(SupervisedTrainer):
     a process group is initialised (DDP), so rank 0's logs show the global values. A non-finite loss stops
     training with an error naming the term (the last saved checkpoint is kept). AMP applies on CUDA devices.
 
+    Offline KD: with ``teacher_cache`` the Distiller serves the teacher outputs from the cache
+    (:meth:`~medkd.distill.Distiller.use_teacher_cache`): the training data loader's dataset must be a
+    :class:`~medkd.distill.TeacherViews` over the same cache, whose batches carry the cached ``t.*`` tensors; the
+    trainer passes them on. Whenever the loader's dataset has ``set_epoch`` (recorded views), the trainer calls it with
+    the 0-based epoch at every epoch start.
+
     Args:
         distiller: the :class:`~medkd.distill.Distiller` to train, or a ``DistributedDataParallel`` wrapping it
             (multi-GPU); passed to MONAI as ``network``.
         optimizer: optimiser over ``distiller.trainable_parameters()``.
         adversaries: :class:`AdversaryStep` objects run after each student step, in order.
+        teacher_cache: a teacher cache folder (``python -m medkd cache-teacher``), or ``None`` for the live teacher.
+        compile: run the student (and a live teacher) through ``torch.compile`` (``nn.Module.compile``: weights,
+            state dicts and taps unchanged); where compilation fails, the first iteration falls back to eager mode
+            with a warning.
         kwargs: every other argument of ``monai.engines.SupervisedTrainer`` except ``network`` and
             ``loss_function`` (the Distiller's task loss is used), e.g. ``device``, ``max_epochs``,
             ``train_data_loader``, ``train_handlers``, ``key_train_metric``, ``postprocessing``, ``amp``.
     """
 
-    def __init__(self, distiller: Distiller, optimizer: torch.optim.Optimizer, adversaries: Sequence[AdversaryStep] = (), **kwargs: Any):
-        for key in ("network", "loss_function", "iteration_update", "accumulation_steps", "compile"):
+    def __init__(self, distiller: Distiller, optimizer: torch.optim.Optimizer, adversaries: Sequence[AdversaryStep] = (),
+                 teacher_cache: str | None = None, compile: bool = False, **kwargs: Any):
+        for key in ("network", "loss_function", "iteration_update", "accumulation_steps", "compile_kwargs"):
             if key in kwargs:
                 raise TypeError(f"KDTrainer does not take '{key}': the Distiller defines the network and its losses")
         core = distiller.module if isinstance(distiller, torch.nn.parallel.DistributedDataParallel) else distiller
@@ -111,20 +127,41 @@ class KDTrainer(SupervisedTrainer):
         super().__init__(network=distiller, optimizer=optimizer, loss_function=core.task_loss, **kwargs)
         self.distiller = core
         self.adversaries = list(adversaries or [])
+        dataset = getattr(self.data_loader, "dataset", None)
+        if teacher_cache:
+            cache = getattr(dataset, "cache", None)
+            if cache is None:
+                raise ValueError(
+                    f"teacher_cache {teacher_cache} is set but the training data loader's dataset "
+                    f"({type(dataset).__name__}) carries no cached outputs: wrap it in "
+                    "medkd.distill.TeacherViews(dataset, cache=teacher_cache)"
+                )
+            core.use_teacher_cache(cache)
+        if hasattr(dataset, "set_epoch"):
+            self.add_event_handler(Events.EPOCH_STARTED, lambda engine: dataset.set_epoch(engine.state.epoch - 1))
+        self._compiled: list[torch.nn.Module] = []
+        self._compile_tried = False
+        if compile:
+            self._compiled = [core.student]
+            live = getattr(core.teacher, "network", None)
+            if live is not None and not hasattr(core.teacher, "cache"):
+                self._compiled.append(live)
+            for module in self._compiled:
+                module.compile()
 
-    def _iteration(self, engine: "KDTrainer", batchdata: dict[str, torch.Tensor]) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        inputs, targets = batch[0], batch[1]
-        labelled = batchdata.get("labelled") if isinstance(batchdata, dict) else None
-        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+    def _uncompile(self, error: BaseException) -> None:
+        warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                      "training continues in eager mode", RuntimeWarning, stacklevel=2)
+        for module in self._compiled:
+            module._compiled_call_impl = None  # back to the eager forward
+        self._compiled = []
+        torch._dynamo.reset()
 
-        engine.network.train()
+    def _forward_backward(self, engine: "KDTrainer", inputs, targets, labelled, teacher_outputs) -> dict:
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         use_amp = amp_enabled(engine)
         with torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
-            out = engine.network(inputs, targets, labelled)
+            out = engine.network(inputs, targets, labelled, teacher_outputs=teacher_outputs)
         engine.state.output[Keys.PRED] = out["pred"]
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         loss = out["loss"]
@@ -132,6 +169,32 @@ class KDTrainer(SupervisedTrainer):
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         backward_and_step(engine, loss, use_amp)
+        return out
+
+    def _iteration(self, engine: "KDTrainer", batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[0], batch[1]
+        labelled = batchdata.get("labelled") if isinstance(batchdata, dict) else None
+        teacher_outputs = None
+        if isinstance(batchdata, dict) and any(isinstance(k, str) and k.startswith("t.") for k in batchdata):
+            teacher_outputs = {k: torch.as_tensor(v).to(engine.state.device, non_blocking=engine.non_blocking)
+                               for k, v in batchdata.items() if isinstance(k, str) and k.startswith("t.")}
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+
+        engine.network.train()
+        if self._compiled and not self._compile_tried:
+            self._compile_tried = True
+            try:  # the first compiled step: compilation errors surface here; fall back to eager mode
+                out = self._forward_backward(engine, inputs, targets, labelled, teacher_outputs)
+            except FloatingPointError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any compiler failure; eager mode re-raises real errors
+                self._uncompile(error)
+                out = self._forward_backward(engine, inputs, targets, labelled, teacher_outputs)
+        else:
+            out = self._forward_backward(engine, inputs, targets, labelled, teacher_outputs)
 
         features = out.pop("features")
         for adversary in self.adversaries:
