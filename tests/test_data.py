@@ -51,6 +51,34 @@ def test_default_demo_output_is_unchanged(tmp_path):
     assert {"2d": tree_sha256(two), "3d": tree_sha256(three)} == CLEAN_DEMO_SHA256
 
 
+def test_unlabelled_subjects_add_images_only_and_keep_the_labelled_data(tmp_path):
+    base = prepare_demo(tmp_path / "base", subjects=3, seed=5, dims=2, spacing=8.0, slices_per_subject=2).parent
+    cmd = [sys.executable, "-m", "medkd", "prepare", "demo", "--out", str(tmp_path / "unl"), "--subjects", "3",
+           "--seed", "5", "--dims", "2", "--spacing", "8", "--slices_per_subject", "2", "--unlabelled", "2"]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    unl = tmp_path / "unl"
+    before, after = digest(base), digest(unl)
+    # every labelled file is byte-identical; the only new files are the unlabelled subjects' images
+    labelled_files = {k: v for k, v in before.items() if k != "datalist.json"}
+    assert {k: v for k, v in after.items() if k in labelled_files} == labelled_files
+    new = sorted(set(after) - set(before))
+    assert new and all(k.startswith("imagesTr/unl-") for k in new) and len(new) == 2 * 2
+    old, data = json.loads((base / "datalist.json").read_text()), json.loads((unl / "datalist.json").read_text())
+    assert "unlabeled" not in old and data["numUnlabeled"] == len(data["unlabeled"]) == 4
+    assert all(data[k] == old[k] for k in ("training", "validation", "test"))
+    assert {e["subject"] for e in data["unlabeled"]} == {"unl-000", "unl-001"}
+    assert all("label" not in e and {"image", "case", "slice"} <= set(e) for e in data["unlabeled"])
+    entries = load_datalist(unl / "datalist.json", "unlabeled")
+    assert all(nib.load(e["image"]).shape == nib.load(load_datalist(unl / "datalist.json")[0]["image"]).shape
+               for e in entries)
+    assert data["generator"]["unlabelled"] == 2
+    # the unlabelled subjects are new anatomy, not copies of the labelled ones
+    images = {k: v for k, v in after.items() if k.startswith("imagesTr/")}
+    assert len(set(images.values())) == len(images)
+    with pytest.raises(ValueError, match="unlabelled must be a number of subjects"):
+        prepare_demo(tmp_path / "x", subjects=3, unlabelled=-1)
+
+
 def test_demo_2d_layout_labels_and_splits(tiny2d):
     data = json.loads((tiny2d / "datalist.json").read_text())
     assert data["labels"] == {"0": "background", "1": "grey matter", "2": "white matter"}

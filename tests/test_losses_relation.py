@@ -94,7 +94,7 @@ def test_dist_identities(dims):
     # the opposite prediction is as far as it gets for the inter-class term at every pixel with 2 classes
     two = torch.randn(2, 2, *SHAPES[dims], generator=g)
     inter, intra = DISTLoss().relations(two, -two)
-    assert float(inter) == pytest.approx(2.0, abs=1e-4) and float(intra) == pytest.approx(2.0, abs=1e-4)  # eps
+    assert float(inter) == pytest.approx(2.0, abs=1e-4) and float(intra) == pytest.approx(2.0, abs=1e-4)
 
 
 def test_pearson_distance_is_affine_invariant_where_it_should_be():

@@ -276,6 +276,7 @@ def prepare_demo(
     spacing: float = 2.0,
     slices_per_subject: int = 24,
     shift: str | float | None = None,
+    unlabelled: int = 0,
     **variation,
 ) -> Path:
     """Write the demo dataset to ``out`` and return the path of its datalist.
@@ -298,6 +299,11 @@ def prepare_demo(
             ``s = 1``), and the noise is Rician with ``1 + s`` times the clean std. The datalist records the shift
             under ``generator.shift`` and is named ``medkd-demo-mni152-shift-<s>``.
             CLI: ``python -m medkd prepare demo --out data/demo2d_shift --shift strong``.
+        unlabelled: number of extra pseudo-subjects without labels (default 0: the output is unchanged), drawn after
+            the labelled ones (which stay the same) and written as images only (``imagesTr/unl-<i>...``, no label
+            file) into the datalist's ``"unlabeled"`` list (entries ``image``, ``subject``, ``case`` and, in 2D,
+            ``slice``), with ``numUnlabeled``. What semi-supervised and label-free KD recipes train on.
+            CLI: ``python -m medkd prepare demo --out data/demo2d_unl --unlabelled 32``.
         variation: overrides of :class:`DemoConfig` fields (e.g. ``noise=0.05``); a shift applies on top of them.
     """
     if dims not in (2, 3):
@@ -305,6 +311,8 @@ def prepare_demo(
     unknown = set(variation) - set(DemoConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown demo dataset options {sorted(unknown)}; valid: {sorted(DemoConfig.__dataclass_fields__)}")
+    if isinstance(unlabelled, bool) or not isinstance(unlabelled, (int, np.integer)) or unlabelled < 0:
+        raise ValueError(f"unlabelled must be a number of subjects >= 0, got {unlabelled!r}")
     cfg = DemoConfig(spacing=float(spacing), **variation)
     domain_shift = DomainShift.parse(shift)
     out = Path(out)
@@ -316,9 +324,13 @@ def prepare_demo(
     subject_seeds = rng.integers(0, 2**32 - 1, size=subjects)
     template = _load_template(cfg.spacing)
     lists: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
-    for sid in range(subjects):
-        image, label, affine = make_subject(np.random.default_rng(subject_seeds[sid]), template, cfg, domain_shift)
-        name = f"sub-{sid:03d}"
+    # the unlabelled subjects' seeds come after every draw of the labelled ones, which therefore do not change
+    unlabelled_seeds = rng.integers(0, 2**32 - 1, size=unlabelled) if unlabelled else []
+    lists["unlabeled"] = []
+    subject_list = [(f"sub-{sid:03d}", seed_, split_of[sid]) for sid, seed_ in enumerate(subject_seeds)]
+    subject_list += [(f"unl-{i:03d}", seed_, "unlabeled") for i, seed_ in enumerate(unlabelled_seeds)]
+    for name, subject_seed, split in subject_list:
+        image, label, affine = make_subject(np.random.default_rng(subject_seed), template, cfg, domain_shift)
         if dims == 3:
             items = [(name, image, label, affine, None)]
         else:
@@ -330,19 +342,26 @@ def prepare_demo(
         for stem, img, lab, aff, z in items:
             rel_img, rel_lab = f"imagesTr/{stem}.nii.gz", f"labelsTr/{stem}.nii.gz"
             atomic_write_bytes(out / rel_img, nifti_bytes(img, aff))
-            atomic_write_bytes(out / rel_lab, nifti_bytes(lab, aff))
             # "case" and "slice" as the dataset converters write them (evaluation protocols group by case)
             entry = {"image": rel_img, "label": rel_lab, "subject": name, "case": name}
+            if split == "unlabeled":  # images only: no label file is written
+                del entry["label"]
+            else:
+                atomic_write_bytes(out / rel_lab, nifti_bytes(lab, aff))
             if z is not None:
                 entry["slice"] = int(z)
-            lists[split_of[sid]].append(entry)
+            lists[split].append(entry)
 
     description = (
         "Pseudo-subjects derived from the MNI ICBM152 2009a symmetric T1 template and its grey/white-matter "
         "probability maps (shipped with nilearn): random affine + elastic deformation, bias field, noise. "
         f"{'Axial 2D slices' if dims == 2 else '3D volumes'}, split by subject."
     )
+    unlabeled = lists.pop("unlabeled")
     generator = {"subjects": subjects, "seed": seed, "dims": dims, **asdict(cfg)}
+    if unlabelled:
+        generator["unlabelled"] = unlabelled
+        description += f" Plus {unlabelled} unlabelled pseudo-subjects (images only, the 'unlabeled' list)."
     if domain_shift is not None:
         description += (
             f" Domain-shifted copy (strength {domain_shift.strength:g}): stronger bias field, compressed tissue "
@@ -362,6 +381,7 @@ def prepare_demo(
         "numValidation": len(lists["validation"]),
         "numTest": len(lists["test"]),
         **lists,
+        **({"numUnlabeled": len(unlabeled), "unlabeled": unlabeled} if unlabelled else {}),
     }
     path = out / "datalist.json"
     atomic_write_bytes(path, (json.dumps(datalist, indent=2) + "\n").encode())

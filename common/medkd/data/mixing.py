@@ -160,7 +160,8 @@ class BatchMixing:
         spatial = tuple(image.shape[2:])
         box = cutmix_box(spatial, lam, self.generator)
         mixed_label = None if label is None else paste_box(label, index, box)
-        return MixedBatch(paste_box(image, index, box), mixed_label, None, 1.0 - box_share(box, spatial), index, box, both)
+        lam = 1.0 - box_share(box, spatial)  # the real kept share (the box may be clipped at the border)
+        return MixedBatch(paste_box(image, index, box), mixed_label, None, lam, index, box, both)
 
     def state_dict(self) -> dict:
         """The generator state (save it with the training state so a resumed run draws the same batches)."""

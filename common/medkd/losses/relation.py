@@ -15,7 +15,9 @@ __all__ = ["DISTLoss", "SoftDiceDistillation", "pearson_distance"]
 def _check_logits(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
     check_dense(name, student, teacher)
     if student.shape != teacher.shape:
-        raise ValueError(f"{name}: student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
+        raise ValueError(
+            f"{name}: student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ"
+        )
     if student.shape[1] < 2:
         raise ValueError(f"{name} needs at least 2 classes on the channel axis, got shape {tuple(student.shape)}")
 
