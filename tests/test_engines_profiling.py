@@ -116,7 +116,8 @@ def test_training_state_round_trip(tmp_path):
         trainer3.run([0, 1], max_epochs=3)
 
 
-@pytest.mark.parametrize("data, max_epochs, match", [([0, 1], 5, "max_epochs was 3, is now 5"), ([0, 1, 2], 3, "epoch_length was 2, is now 3")])
+@pytest.mark.parametrize("data, max_epochs, match", [([0, 1], 5, "epochs: stored run has 3, this run 5"),
+                                                       ([0, 1, 2], 3, "iterations per epoch: stored 2, now 3")])
 def test_training_state_refuses_a_run_it_does_not_fit(tmp_path, data, max_epochs, match):
     net = nn.Linear(3, 2)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)

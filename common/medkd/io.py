@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "load_state_dict_file"]
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "load_state_dict_file", "temp_files_of", "remove_stale_temp_files"]
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp$")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -33,6 +36,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def temp_files_of(path: str | os.PathLike) -> list[Path]:
+    """The temporary files (``.NAME.<uuid>.tmp``) that :func:`atomic_write_bytes` writes next to ``path``; after a
+    kill they stay behind."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if (m := _TEMP.match(p.name)) and m["name"] == path.name)
+
+
+def remove_stale_temp_files(*paths: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files a killed writer of ``paths`` left behind (call it before the writer starts again,
+    never while one writes); returns what was removed."""
+    removed = []
+    for path in paths:
+        for tmp in temp_files_of(path):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -3,8 +3,9 @@ use, and the evaluation-protocol handler."""
 
 from medkd.engines.adversarial import WGANGPStep
 from medkd.engines.fsd import FSDSaver
-from medkd.engines.handlers import AtomicCheckpointSaver, ModuleSaver, ProgressBar, TermSchedule, TrainingState, loss_scalars
+from medkd.engines.handlers import AtomicCheckpointSaver, ModuleSaver, ProgressBar, TermSchedule, TrainingState, ValidationHandler, loss_scalars
 from medkd.engines.paraphraser import ParaphraserSaver, ParaphraserTrainer
+from medkd.engines.resume import RandomStates, parse_bool
 from medkd.engines.protocols import PROTOCOL_OPTIONS, ProtocolSaver, needs_probabilities
 from medkd.engines.schedules import PiecewisePolyLR
 from medkd.engines.trainer import AdversaryStep, KDTrainer, ObjectiveTrainer, mean_across_ranks
@@ -22,10 +23,13 @@ __all__ = [
     "PiecewisePolyLR",
     "ProgressBar",
     "ProtocolSaver",
+    "RandomStates",
     "TermSchedule",
     "TrainingState",
+    "ValidationHandler",
     "WGANGPStep",
     "loss_scalars",
     "mean_across_ranks",
     "needs_probabilities",
+    "parse_bool",
 ]
