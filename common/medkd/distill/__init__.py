@@ -1,6 +1,15 @@
 """Distillation core: feature taps, loss terms, teacher sources and the Distiller module."""
 
 from medkd.distill.cache import CachedTeacher, TeacherCache, TeacherViews, build_teacher_cache
+from medkd.distill.bundle import (
+    BundleTeacher,
+    BundleTeacherError,
+    TorchScriptTeacher,
+    bundle_teacher_ckpt,
+    bundle_teacher_network,
+    check_teacher_fits,
+    load_bundle_teacher,
+)
 from medkd.distill.distiller import Distiller
 from medkd.distill.gkd import (
     AlignmentConsistencyObjective,
@@ -17,6 +26,13 @@ from medkd.distill.teacher import LiveTeacher, ParaphrasedTeacher, TeacherSource
 from medkd.distill.terms import LossTerm, parse_key
 
 __all__ = [
+    "BundleTeacher",
+    "BundleTeacherError",
+    "TorchScriptTeacher",
+    "bundle_teacher_ckpt",
+    "bundle_teacher_network",
+    "check_teacher_fits",
+    "load_bundle_teacher",
     "AlignmentConsistencyObjective",
     "GKDDistiller",
     "SemanticAutoEncoderObjective",
