@@ -152,6 +152,22 @@ def cache_teacher(bundle: str, out: str | None = None, recipe: str | None = None
     run(config_file=[str(f) for f in files], bundle_root=str(root), **args, **overrides)
 
 
+def compress(teacher_bundle: str, data: str, out: str, student="quarter", epochs: int = 20, labels: str = "none",
+             baseline: bool = False, seed: int = 0, batch_size: int | None = None, val_interval: int = 1,
+             learning_rate: float | None = None) -> None:
+    """Compress a MONAI bundle (TEACHER_BUNDLE) into a student trained by KD on DATA (datalist JSON or image folder);
+    writes OUT/report.md, OUT/report.json and the student bundle OUT/compressed_<teacher>; see docs/compress.md.
+
+    ``--student`` half|quarter|eighth (the teacher's architecture at that width), a class name or a _target_ dict;
+    ``--labels none`` (label-free: the teacher's soft outputs are the only target) or ``datalist``; ``--baseline``
+    also trains the student without KD (needs labels). Rerunning the same command resumes.
+    """
+    from medkd.compress import compress as run
+
+    run(teacher_bundle, data, out, student=student, epochs=epochs, labels=labels, baseline=baseline, seed=seed,
+        batch_size=batch_size, val_interval=val_interval, learning_rate=learning_rate)
+
+
 def main() -> None:
     fire.Fire({"prepare": prepare, "demo": demo, "profile": profile, "export-bundle": export_bundle,
-               "cache-teacher": cache_teacher}, name="medkd")
+               "cache-teacher": cache_teacher, "compress": compress}, name="medkd")
