@@ -19,6 +19,7 @@ is refused.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -92,8 +93,19 @@ def _entry_signature(entry: Any) -> Any:
     return entry if isinstance(entry, (int, float, bool, type(None))) else str(entry)
 
 
+def _init_parameters(cls: type) -> set[str]:
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
 def _describe(obj: Any, depth: int = 0) -> Any:
-    """The settings of a transform: its public scalar attributes, recursing into MONAI sub-objects (not random states)."""
+    """The settings of a transform: the attributes named like its constructor's parameters, recursing into MONAI
+    sub-objects (e.g. a dictionary transform's cropper). Random draws (``RandScaleIntensity.factor``,
+    ``RandAffineGrid.rotate_params``, ...) are not constructor parameters, so a transform that has already run
+    describes as a fresh one."""
     if isinstance(obj, (int, float, str, bool, type(None))):
         return obj
     if isinstance(obj, (list, tuple)):
@@ -104,10 +116,13 @@ def _describe(obj: Any, depth: int = 0) -> Any:
         return {str(k): _describe(v, depth + 1) for k, v in obj.items()} if depth < 6 else "dict"
     if hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("monai", "medkd") and depth < 6:
         out = {"class": f"{type(obj).__module__}.{type(obj).__qualname__}"}
+        settings = _init_parameters(type(obj))
         for key, value in sorted(vars(obj).items()):
             if key.startswith("_") or key == "R" or isinstance(value, np.random.RandomState):
                 continue
-            out[key] = _describe(value, depth + 1)
+            is_part = hasattr(value, "__dict__") and type(value).__module__.split(".")[0] in ("monai", "medkd")
+            if key in settings or is_part:
+                out[key] = _describe(value, depth + 1)
         return out
     return type(obj).__qualname__
 
@@ -119,10 +134,7 @@ def _transforms(leaf: Any) -> list[Any]:
 
 
 def data_signature(dataset: Any) -> dict:
-    """``{"entries": [...], "transforms": [...]}`` of every leaf dataset of ``dataset`` (see :func:`_leaves`).
-
-    Call it before the dataset's random transforms run: a few MONAI transforms keep their last random draw in a
-    public attribute (e.g. ``RandScaleIntensity.factor``)."""
+    """``{"entries": [...], "transforms": [...]}`` of every leaf dataset of ``dataset`` (see :func:`_leaves`)."""
     leaves = _leaves(dataset)
     if not leaves:
         raise TypeError(
@@ -485,7 +497,7 @@ def build_teacher_cache(distiller: Any, dataset: Any, out: str | os.PathLike, vi
     source = teacher if set(taps) == set(teacher.taps.specs) else LiveTeacher(teacher.network, teacher.checkpoint, taps)
     if device is not None:
         source.network.to(device)
-    signature = data_signature(dataset)  # before any random transform runs (see data_signature)
+    signature = data_signature(dataset)
     manifest = {
         "format": CACHE_FORMAT,
         "complete": False,
@@ -550,7 +562,7 @@ def build_teacher_cache(distiller: Any, dataset: Any, out: str | os.PathLike, vi
         results: list[dict | None] = [None] * len(samples)
         for idx in by_shape.values():
             image = torch.stack([torch.as_tensor(samples[k]["image"]).as_subclass(torch.Tensor) for k in idx])
-            outputs = LiveTeacher.forward(source, image.to(net_device).float())  # raw taps (never paraphrased)
+            outputs = source.raw_outputs(image.to(net_device).float())  # raw taps (never paraphrased)
             for j, k in enumerate(idx):
                 results[k] = {key: outputs[key][j].as_subclass(torch.Tensor).to("cpu", store).clone()
                               for key in manifest["keys"]}

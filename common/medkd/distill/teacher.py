@@ -95,13 +95,18 @@ class LiveTeacher(TeacherSource):
 
     @torch.no_grad()
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.encode_taps(self.raw_outputs(image))
+
+    @torch.no_grad()
+    def raw_outputs(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``t.logits`` and the raw ``t.<tap>`` features of the network (what a teacher cache stores)."""
         self.network.eval()
         with self.taps.capture() as feats:
             logits = first_tensor(self.network(image))
         self.taps.check_captured(feats)
         out = {"t.logits": logits}
         out.update({f"t.{k}": v for k, v in feats.items()})
-        return self.encode_taps(out)
+        return out
 
     def encode_taps(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What this source makes of the raw teacher outputs (identity here); also applied to cached outputs."""
