@@ -20,11 +20,12 @@ TINY_3D = {"roi_size": [32, 32, 32], "epochs": 1, "batch_size": 1, "val_batch_si
 
 @pytest.fixture(scope="session")
 def tiny2d(tmp_path_factory) -> Path:
-    """3 pseudo-subjects at 4 mm, 4 axial slices each (48x64): training 1 subject, validation 1, test 1."""
+    """3 pseudo-subjects at 4 mm, 4 axial slices each (48x64): training 1 subject, validation 1, test 1; plus 1
+    unlabelled subject (the datalist's 'unlabeled' list, 4 slices) for the semi-supervised and label-free recipes."""
     from medkd.data.demo import prepare_demo
 
     out = tmp_path_factory.mktemp("tiny2d")
-    prepare_demo(out, subjects=3, seed=1, dims=2, spacing=4.0, slices_per_subject=4)
+    prepare_demo(out, subjects=3, seed=1, dims=2, spacing=4.0, slices_per_subject=4, unlabelled=1)
     return out
 
 

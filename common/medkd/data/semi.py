@@ -9,6 +9,7 @@ loss and label-reading terms on labelled samples only).
 
 from __future__ import annotations
 
+import os
 from typing import Hashable, Sequence
 
 import numpy as np
@@ -17,7 +18,9 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from torch.utils.data import Dataset
 
-__all__ = ["split_labelled", "MarkLabelledd", "SemiSupervisedDataset"]
+from medkd.data.datalist import load_datalist
+
+__all__ = ["split_labelled", "label_free_entries", "MarkLabelledd", "SemiSupervisedDataset"]
 
 
 def split_labelled(items: Sequence[dict], fraction: float, seed: int = 0, group_key: str = "case",
@@ -47,6 +50,32 @@ def split_labelled(items: Sequence[dict], fraction: float, seed: int = 0, group_
                   if str(item.get(group_key, item["image"])) not in chosen]
     unlabelled += [{k: v for k, v in item.items() if k != "label"} for item in extra_unlabelled]
     return {"labelled": labelled, "unlabelled": unlabelled}
+
+
+def label_free_entries(path: str | os.PathLike, lists: Sequence[str] = ("training",),
+                       base_dir: str | os.PathLike | None = None, label_key: str = "label") -> list[dict]:
+    """The entries of one or more lists of a datalist without their labels: the training set of label-free KD.
+
+    Args:
+        path: the datalist JSON.
+        lists: the lists whose images are used, e.g. ``["training", "unlabeled"]`` (every image of the training list
+            and the datalist's unlabelled images); labels are dropped, never read.
+        base_dir: folder that relative paths are joined to (default: the datalist's folder).
+        label_key: the key that is removed from every entry.
+
+    Raises:
+        KeyError: a list the datalist lacks (naming the file and the lists it has).
+        ValueError: no list given, or no entry in all of them.
+    """
+    if isinstance(lists, str):
+        lists = [lists]
+    if not lists:
+        raise ValueError(f"label-free training needs at least one list of {path} to take images from")
+    entries = [{k: v for k, v in item.items() if k != label_key}
+               for key in lists for item in load_datalist(path, key, base_dir)]
+    if not entries:
+        raise ValueError(f"the lists {list(lists)} of datalist {path} hold no entries")
+    return entries
 
 
 class MarkLabelledd(MapTransform):
