@@ -27,7 +27,7 @@ ZOO = {
     "ventricular_short_axis_3label": {"_target_": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 3,
                                       "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 2},
     "swin_unetr_btcv_segmentation": {"_target_": "SwinUNETR", "spatial_dims": 3, "in_channels": 1,
-                                     "out_channels": 3, "feature_size": 12, "use_checkpoint": False},
+                                     "out_channels": 3, "feature_size": 24, "use_checkpoint": False},
 }
 
 
@@ -41,7 +41,7 @@ def _preprocessing(dims: int) -> list[dict]:
             {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
             {"_target_": "Orientationd", "keys": "@image_key", "axcodes": "RAS"},
             {"_target_": "Spacingd", "keys": "@image_key", "pixdim": "@pixdim", "mode": "bilinear"},
-            {"_target_": "ScaleIntensityRanged", "keys": "@image_key", "a_min": "$@a_min", "a_max": "$@a_min * -1",
+            {"_target_": "ScaleIntensityRanged", "keys": "@image_key", "a_min": "$@a_min", "a_max": "$@a_min + 1000.0",
              "b_min": 0.0, "b_max": 1.0, "clip": True},
             {"_target_": "EnsureTyped", "keys": "@image_key"}]
 
@@ -69,7 +69,7 @@ def write_zoo_bundle(root: Path, name: str, definition: dict | None = None, weig
         "bundle_root": ".", "output_dir": "$@bundle_root + '/eval'", "dataset_dir": f"/workspace/data/{name}",
         "datalist": "$list(sorted(glob.glob(@dataset_dir + '/imagesTs/*.nii.gz')))",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "image_key": "image", "pixdim": [8.0] * 3, "a_min": -0.0, "highres": False,
+        "image_key": "image", "pixdim": [8.0] * 3, "a_min": 0.0, "highres": False,
         "network_def": definition, "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": _preprocessing(dims)},
         "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]", "transform": "@preprocessing"},
