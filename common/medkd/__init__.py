@@ -7,3 +7,7 @@ Subpackages: ``medkd.networks`` (tap points, papers' networks), ``medkd.losses``
 """
 
 __version__ = "0.1.0"
+
+from medkd.errors import install_excepthook as _install_excepthook
+
+_install_excepthook()  # only under `python -m monai.bundle` / `python -m medkd`: the real error first and last

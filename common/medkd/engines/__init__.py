@@ -5,6 +5,7 @@ from medkd.engines.adversarial import WGANGPStep
 from medkd.engines.fsd import FSDSaver
 from medkd.engines.handlers import AtomicCheckpointSaver, ModuleSaver, ProgressBar, TermSchedule, TrainingState, ValidationHandler, loss_scalars
 from medkd.engines.paraphraser import ParaphraserSaver, ParaphraserTrainer
+from medkd.engines.checks import check_output_channels, check_writable
 from medkd.engines.resume import RandomStates, parse_bool
 from medkd.engines.protocols import PROTOCOL_OPTIONS, ProtocolSaver, needs_probabilities
 from medkd.engines.schedules import PiecewisePolyLR
@@ -25,6 +26,8 @@ __all__ = [
     "ProtocolSaver",
     "RandomStates",
     "TermSchedule",
+    "check_output_channels",
+    "check_writable",
     "TrainingState",
     "ValidationHandler",
     "WGANGPStep",

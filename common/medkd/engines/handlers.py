@@ -189,6 +189,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
             self._engine.state.best_metric_epoch = state_dict["best_metric_epoch"]
 
 
+def _quiet_validation_restart(record: logging.LogRecord) -> bool:
+    """Drops Ignite's "Engine run resuming from iteration 0, ..." that an evaluator logs at every validation."""
+    return not str(record.msg).startswith("Engine run resuming from iteration 0,")
+
+
 class ValidationHandler(_MonaiValidationHandler):
     """MONAI's epoch-level ``ValidationHandler`` that also validates after the last epoch when ``interval`` does not
     divide ``max_epochs``, so a run always ends with a validated (and saved) best model.
@@ -205,6 +210,8 @@ class ValidationHandler(_MonaiValidationHandler):
         super().__init__(interval=interval, validator=validator, epoch_level=True, exec_at_start=exec_at_start)
 
     def attach(self, engine: Engine) -> None:
+        if self.validator is not None:  # MONAI's evaluator restarts at the trainer's epoch: not a resume, no news
+            self.validator.logger.addFilter(_quiet_validation_restart)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_validate)
         if self.exec_at_start:
             engine.add_event_handler(Events.STARTED, self)
@@ -235,6 +242,15 @@ class ModuleSaver:
     def save(self, engine: Engine | None = None) -> None:
         if _is_rank0():
             atomic_torch_save(self.module.state_dict(), self.path)
+
+
+def _check_epochs(max_epochs: Any) -> None:
+    if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1):
+        raise ValueError(f"epochs must be an integer of at least 1, got {max_epochs!r}")
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 _RESTART = "pass --resume false (or delete the file) to start from scratch"
@@ -282,6 +298,7 @@ class TrainingState:
         for reserved in ("trainer", "random_states"):
             if reserved in self.objects:
                 raise ValueError(f"TrainingState adds '{reserved}' itself; rename that object")
+        _check_epochs(getattr(engine.state, "max_epochs", None))
         loader = getattr(engine, "data_loader", None)
         self.objects = {**self.objects, "trainer": engine, "random_states": RandomStates(loader)}
         engine.add_event_handler(Events.STARTED, self.load)
@@ -291,15 +308,13 @@ class TrainingState:
         try:
             state = torch.load(self.path, map_location=getattr(engine.state, "device", "cpu"), weights_only=True)
         except Exception as e:  # truncated, garbage, not weights-only: many exception types
-            raise ValueError(f"cannot read the training state {self.path} ({type(e).__name__}: {e}); {_RESTART}.") from e
+            raise ValueError(f"cannot read the training state {self.path} ({_one_line(e)[:300]}); {_RESTART}.") from e
         if not isinstance(state, dict):
             raise ValueError(f"training state {self.path} holds a {type(state).__name__}, not a training state; {_RESTART}.")
         return state
 
     def load(self, engine: Engine) -> None:
-        max_epochs = engine.state.max_epochs
-        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-            raise ValueError(f"epochs must be an integer of at least 1, got {max_epochs!r}")
+        _check_epochs(engine.state.max_epochs)
         if _is_rank0():
             removed = remove_stale_temp_files(self.path)
             if removed:
@@ -334,7 +349,7 @@ class TrainingState:
                 obj.load_state_dict(state[name])
             except Exception as e:
                 raise ValueError(f"cannot resume from the training state {self.path}: its '{name}' does not fit this run "
-                                 f"({type(e).__name__}: {str(e).strip()[:500]}); {_RESTART}.") from e
+                                 f"({_one_line(e)[:300]}); {_RESTART}.") from e
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and "grad_scaler" in state:
             scaler.load_state_dict(state["grad_scaler"])
