@@ -98,7 +98,7 @@ def write_zoo_bundle(root: Path, name: str, definition: dict | None = None, weig
     meta = json.loads((BUNDLES / "supervised_segmentation" / "configs" / "metadata.json").read_text())
     for io in ("inputs", "outputs"):
         fmt = next(iter(meta["network_data_format"][io].values()))
-        fmt["spatial_shape"] = ["32*n"] * dims
+        fmt["spatial_shape"] = [f"{roi[0]}*n"] * dims  # verify_net_in_out tries n = 1
     meta["network_data_format"]["outputs"]["pred"]["num_channels"] = definition["out_channels"]
     meta["name"] = name
     (bundle / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4))
