@@ -362,6 +362,8 @@ RECIPE_TERMS = {
     ("gkd_segmentation", "intra_inter.json"): ["intra", "inter"],
     ("gkd_segmentation", "vanilla_kd.json"): ["kd"],
     ("gkd_segmentation", "gkd_plus_kd.json"): ["intra", "inter", "cross_teacher", "cross_student", "kd"],
+    **{(f"{b}_segmentation", recipe): terms for b in ("emkd", "graph_flow", "gkd", "acw_skd", "mtms_ckd")
+       for recipe, terms in (("kd_dist.json", ["dist"]), ("kd_soft_dice.json", ["soft_dice"]), ("kd_logits_t1.json", ["kd"]))},
 }
 
 
