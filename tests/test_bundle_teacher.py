@@ -22,7 +22,7 @@ ZOO = {
     "spleen_ct_segmentation": {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3,
                                "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 2, "norm": "batch"},
     "wholeBody_ct_segmentation": {"_target_": "SegResNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3,
-                                  "init_filters": 8, "blocks_down": [1, 2, 2], "blocks_up": [1, 1],
+                                  "init_filters": 16, "blocks_down": [1, 2, 2], "blocks_up": [1, 1],
                                   "dropout_prob": 0.2},
     "ventricular_short_axis_3label": {"_target_": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 3,
                                       "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 2},
