@@ -3,7 +3,7 @@
     python tools/compare_recipes.py --bundle emkd_segmentation \\
         --recipes "default,recipes/pmd_only.json" [--seeds 0,1,2] [--epochs 30] [--out results/compare]
         [--teacher_ckpt PATH] [--baseline True] [--baseline_recipe recipes/no_kd.json] [--data_dir data/demo2d]
-        [--title "..."]
+        [--title "..."] [--offline none|only|both] [--cache_views 8]
 
 Every step is a ``python -m monai.bundle run`` (logs in ``<out>/logs``). For each seed:
 
@@ -20,6 +20,10 @@ one, else by the supervised bundle, on the same data; or ``--teacher_ckpt``. Eac
 the first iteration of seed 0, wall time per epoch), ``<out>/results.json`` and ``<out>/chart.png`` (mean Dice
 bars with ± std whiskers). Runs whose model and timing already exist under ``<out>`` are reused, so an interrupted
 comparison continues where it stopped.
+
+Offline KD (``--offline only|both``): the teacher's outputs are computed once, on ``--cache_views`` recorded views of
+every training item with every tap the recipes read (``<out>/teacher_cache``, ``python -m medkd cache-teacher``), and
+every KD run of every recipe and seed reads them (``teacher_cache``) instead of running the teacher.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ def _list(value) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
     return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def _key(name: str) -> str:
+    """A run's folder name: ``kd_logits (offline)`` -> ``kd_logits_offline``."""
+    return name.replace(" (offline)", "_offline").replace(" ", "_")
 
 
 def _recipe_name(recipe: str) -> str:
@@ -92,10 +101,38 @@ def chart(rows: list[tuple[str, float, float]], path: Path, title: str) -> None:
     img.save(path)
 
 
+def cache_taps(bundle: str, recipe_paths: list[list[str]]) -> dict[str, str]:
+    """The teacher taps (name -> spec) that any of the recipes reads: one teacher cache serves them all."""
+    from monai.bundle import ConfigParser
+
+    taps: dict[str, str] = {}
+    for paths in recipe_paths:
+        parser = ConfigParser()
+        parser.read_config([str(bundles_dir() / bundle / "configs" / "train.json"), *paths])
+        specs = parser.get("teacher_taps") or {}
+        terms = parser.get("kd_terms") or []
+        for term in terms if isinstance(terms, list) else []:
+            for key in term.get("inputs", []) if isinstance(term, dict) else []:
+                if isinstance(key, str) and key.startswith("t.") and key != "t.logits":
+                    name = key[2:]
+                    spec = specs.get(name, name) if isinstance(specs, dict) else name
+                    if taps.get(name, spec) != spec:
+                        raise ValueError(f"recipes read teacher tap {name!r} at two places ({taps[name]!r}, {spec!r}): "
+                                         "compare them with separate --out folders (one cache each)")
+                    taps[name] = spec
+    return taps
+
+
 def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,1,2", epochs: int = 30,
          out: str = "results/compare", teacher_ckpt: str | None = None, baseline: bool = True,
          baseline_recipe: str | None = None,
-         data_dir: str = "data/demo2d", subjects: int = 12, title: str | None = None) -> Path:
+         data_dir: str = "data/demo2d", subjects: int = 12, title: str | None = None, offline: str = "none",
+         cache_views: int = 8) -> Path:
+    """See the module docstring. ``offline``: ``none`` (live teacher), ``only`` (every KD recipe from one teacher
+    cache, built once under ``<out>/teacher_cache`` with ``cache_views`` views and every tap the recipes read) or
+    ``both`` (each KD recipe online and offline, the offline runs named ``<recipe> (offline)``)."""
+    if offline not in ("none", "only", "both"):
+        raise ValueError(f"offline must be none, only or both, got {offline!r}")
     start = time.time()
     out_dir = Path(out).resolve()
     logs = out_dir / "logs"
@@ -151,15 +188,26 @@ def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,
         runs["without KD"] = (bundle, ["train.json", *_recipe_paths(bundle, baseline_recipe)], {})
     elif baseline:
         runs["without KD"] = (SUPERVISED, ["train.json"], {"network_def": student_def})
+    if offline != "none" and "teacher_ckpt" in extra:
+        cache_dir = out_dir / "teacher_cache"
+        build_with = next((p for p in paths.values() if p), [])  # a plain-Distiller recipe when the default is not
+        _run_bundle("cache_teacher", bundle, ["train.json", *build_with, "cache_teacher.json"],
+                    {"dataset_dir": datalist.parent, "num_workers": 0, "ckpt_dir": out_dir / "teacher_cache_run",
+                     "cache_dir": cache_dir, "cache_views": cache_views, "teacher_ckpt": extra["teacher_ckpt"],
+                     "cache_taps": cache_taps(bundle, list(paths.values()))}, logs)
     for name, path in paths.items():
-        runs[name] = (bundle, ["train.json", *path], extra)
+        if offline != "only" or "teacher_ckpt" not in extra:
+            runs[name] = (bundle, ["train.json", *path], extra)
+        if offline != "none" and "teacher_ckpt" in extra:
+            runs[f"{name} (offline)"] = (bundle, ["train.json", *path], {**extra, "teacher_cache": out_dir / "teacher_cache"})
 
     scores: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for seed in seed_list:
         for name, (bundle_name, configs, overrides) in runs.items():
-            key = f"{name.replace(' ', '_')}/seed{seed}"
+            key = f"{_key(name)}/seed{seed}"
             train(key, bundle_name, configs, {**overrides, "seed": seed})
-            scores[name].append(evaluate(key, bundle_name, configs, overrides))
+            scores[name].append(evaluate(key, bundle_name, configs,
+                                         {k: v for k, v in overrides.items() if k != "teacher_cache"}))
     scores_teacher = evaluate(teacher_eval[0], SUPERVISED, ["train.json"], teacher_eval[1]) if teacher_eval else None
 
     labels = {f"class{int(k) - 1}": v for k, v in LABELS.items() if k != "0"}
@@ -175,7 +223,7 @@ def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,
     bars = []
     for name in runs:
         per_key = {k: [s[k] for s in scores[name]] for k in keys}
-        secs = [timings[f"{name.replace(' ', '_')}/seed{s}"] / epochs for s in seed_list]
+        secs = [timings[f"{_key(name)}/seed{s}"] / epochs for s in seed_list]
         lines.append(f"| {name} | " + " | ".join(fmt(per_key[k]) for k in labels) + f" | **{fmt(per_key['mean'])}** | "
                      f"{statistics.fmean(secs):.2f} |")
         results["runs"][name] = {"dice": per_key, "seconds_per_epoch": secs}
@@ -189,7 +237,7 @@ def main(bundle: str, recipes: str | tuple = "default", seeds: str | tuple = "0,
     first = {}
     for name, (bundle_name, configs, _) in runs.items():
         if bundle_name == bundle and name != "without KD":
-            first[name] = first_iteration_scalars(logs / f"train_{name.replace(' ', '_')}_seed{seed_list[0]}.log")
+            first[name] = first_iteration_scalars(logs / f"train_{_key(name)}_seed{seed_list[0]}.log")
     terms = sorted({k for v in first.values() for k in v if k.startswith("raw_") or k == "loss_task"})
     mag = ["| raw value at iteration 1 (seed " + str(seed_list[0]) + ") | " + " | ".join(first) + " |",
            "|---|" + "---|" * len(first)]
