@@ -296,3 +296,20 @@ def test_the_cache_never_enters_an_exported_bundle(tiny2d, teacher_2d, tmp_path)
     assert not [f for f in files if "teacher_cache" in f or f.endswith("manifest.json") or "/views/" in f]
     assert sorted(f for f in files if f.endswith(".pt")) == ["models/model.pt", "models/teacher.pt"]
     assert json.loads((out / "configs" / "train.json").read_text())["teacher_cache"] is None
+
+
+def test_cli_builds_a_cache_that_serves_several_recipes(tiny2d, tmp_path, capsys):
+    from medkd.cli import cache_teacher
+
+    teacher = random_teacher(["train.json"], tmp_path / "teacher.pt", **TINY_2D)
+    out = tmp_path / "shared_cache"
+    cache_teacher(str(BUNDLES / EMKD), out=str(out), recipe="recipes/kd_logits.json", views=1, taps="low,high",
+                  dataset_dir=str(tiny2d), teacher_ckpt=str(teacher), ckpt_dir=str(tmp_path / "kd"), **TINY_2D)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["views"] == 1 and set(manifest["taps"]) == {"low", "high"}
+    assert "4 items x 1 views" in capsys.readouterr().out
+    for configs in (["train.json"], ["train.json", "recipes/kd_logits.json"]):  # EMKD's taps and logits-only KD
+        wf = offline(tmp_path, tiny2d, configs, TINY_2D, out, teacher)
+        assert isinstance(wf.parser.get_parsed_content("train#trainer").distiller.teacher, CachedTeacher)
+    with pytest.raises(FileNotFoundError, match="recipe not found"):
+        cache_teacher(str(BUNDLES / EMKD), out=str(out), recipe="recipes/nope.json")
