@@ -417,3 +417,16 @@ def test_inference_reorients_and_resamples_to_the_training_geometry(tiny2d, tmp_
     agree = np.mean(up[::2, ::2].reshape(ref.shape) == ref)
     assert agree > 0.9, agree
 
+
+
+def test_inference_keeps_the_shape_of_a_one_slice_volume(tmp_path, tiny2d):
+    img = nib.load(tiny2d / json.loads((tiny2d / "datalist.json").read_text())["test"][0]["image"])
+    vol = np.asarray(img.dataobj, dtype=np.float32)[:32, :48, None]
+    folder = tmp_path / "one"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(vol, img.affine), folder / "v.nii.gz")
+    (folder / "datalist.json").write_text(json.dumps({"test": [{"image": "v.nii.gz"}]}))
+    segs = _infer(folder, tmp_path / "o", spatial_dims=3, roi_size=[32, 32, 32], pixdim=[4.0, 4.0, 4.0], axcodes="RAS")
+    assert segs["v_seg.nii.gz"].shape == (32, 48, 1)
+    flat = _infer(tiny2d, tmp_path / "t", roi_size=[48, 64], pixdim=[4.0, 4.0])  # 2D images stay 2D
+    assert {s.shape for s in flat.values()} == {img.shape}

@@ -8,6 +8,6 @@ Subpackages: ``medkd.networks`` (tap points, papers' networks), ``medkd.losses``
 
 __version__ = "0.1.0"
 
-from medkd.errors import install_excepthook as _install_excepthook
+from .errors import install_excepthook as _install_excepthook  # relative: a vendored copy (export-bundle) keeps it
 
 _install_excepthook()  # only under `python -m monai.bundle` / `python -m medkd`: the real error first and last

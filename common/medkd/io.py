@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.data import NibabelWriter
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "load_state_dict_file", "temp_files_of", "remove_stale_temp_files"]
+__all__ = ["atomic_write_bytes", "atomic_torch_save", "load_state_dict_file", "temp_files_of", "remove_stale_temp_files",
+           "ShapeKeepingNibabelWriter"]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp$")
 
@@ -87,3 +89,19 @@ def load_state_dict_file(path: str | os.PathLike, map_location: Any = "cpu", key
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
     return ckpt
+
+
+class ShapeKeepingNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` that writes a one-channel image (a segmentation) with the spatial shape it has.
+
+    ``SaveImage`` squeezes every trailing singleton axis (``squeeze_end_dims``) to drop the channel axis, which also
+    drops the last spatial axis of a one-slice 3D volume (32×48×1 came back as 32×48). This writer keeps the spatial
+    axes and drops only a channel axis of size 1; pass it as ``SaveImaged(writer=...)``.
+    """
+
+    def set_data_array(self, data_array, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs):
+        shape = tuple(data_array.shape)
+        spatial = shape if channel_dim is None else shape[:channel_dim] + shape[channel_dim:][1:]
+        super().set_data_array(data_array, channel_dim=channel_dim, squeeze_end_dims=False, **kwargs)
+        if channel_dim is None or shape[channel_dim] == 1:
+            self.data_obj = self.data_obj.reshape(spatial)
