@@ -313,3 +313,27 @@ def test_cli_builds_a_cache_that_serves_several_recipes(tiny2d, tmp_path, capsys
         assert isinstance(wf.parser.get_parsed_content("train#trainer").distiller.teacher, CachedTeacher)
     with pytest.raises(FileNotFoundError, match="recipe not found"):
         cache_teacher(str(BUNDLES / EMKD), out=str(out), recipe="recipes/nope.json")
+
+
+# one recipe per KD bundle whose distiller reads a teacher: the bundle default where it has one (Graph Flow's
+# paraphrased taps included), else the plain-Distiller baseline recipe
+CACHEABLE = [("emkd_segmentation", []), ("graph_flow_segmentation", []), ("mtms_ckd_segmentation", []),
+             ("gkd_segmentation", ["recipes/kd_logits.json"]), ("acw_skd_segmentation", ["recipes/kd_logits.json"])]
+
+
+@pytest.mark.parametrize("bundle,recipe", CACHEABLE, ids=[b for b, _ in CACHEABLE])
+def test_every_kd_bundle_trains_from_a_cache(bundle, recipe, tiny2d, teacher_2d, tmp_path):
+    from conftest import STAGES, stages_of
+
+    configs = ["train.json", *recipe]
+    run = dict(dataset_dir=str(tiny2d), ckpt_dir=str(tmp_path), output_dir=str(tmp_path / "eval"), **TINY_2D)
+    if not (BUNDLES / bundle / "configs" / "train_teacher.json").is_file():  # MTMS-CKD trains its own teacher
+        run["teacher_ckpt"] = str(teacher_2d)
+    for stage in stages_of(bundle):  # e.g. the paraphraser, MTMS-CKD's own teacher
+        run_workflow(bundle, [*configs, stage], check=False, **run, **STAGES[stage])
+    workflow(bundle, [*configs, "cache_teacher.json"], cache_dir=str(tmp_path / "cache"), cache_views=2, **run).run()
+    wf = workflow(bundle, configs, teacher_cache=str(tmp_path / "cache"), **{**run, "epochs": 2})
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert isinstance(trainer.distiller.teacher, CachedTeacher)
+    wf.run()
+    assert trainer.state.epoch == 2 and (tmp_path / "model.pt").is_file()
