@@ -25,7 +25,6 @@ step = the overhead over the floor), the cache's build time and size per item vi
 from __future__ import annotations
 
 import copy
-import json
 import os
 import statistics
 import tempfile
@@ -33,7 +32,6 @@ import time
 from pathlib import Path
 
 import fire
-import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
