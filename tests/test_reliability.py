@@ -190,7 +190,7 @@ def _state_run(path, lr=0.1, epochs=2, net=None, resume=True):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"lr": 0.01}, r"optimizer initial_lr: stored 0\.1, now 0\.01.*--resume false"),
+    ({"lr": 0.01}, r"optimizer initial_lr \(the learning rate, e\.g\. --learning_rate\): stored 0\.1, now 0\.01.*--resume false"),
     ({"epochs": 4}, r"epochs: stored run has 2, this run 4.*--resume false"),
     ({"net": "other"}, r"train_state\.pt: its 'network' does not fit this run.*--resume false"),
 ])

@@ -340,7 +340,7 @@ class TrainingState:
         for name, obj in self.objects.items():
             problems += changed_hyperparameters(name, obj, state.get(name))
         if problems:
-            raise ValueError(f"training state {self.path} does not fit this run: " + "; ".join(problems) + f". {_RESTART}.")
+            raise ValueError(f"training state {self.path} does not fit this run: " + "; ".join(problems) + f"; {_RESTART}.")
         for name, obj in self.objects.items():
             if name == "random_states" and name not in state:
                 logger.warning(f"{self.path} holds no random states (an older file): the resumed run is not bit-exact.")

@@ -155,7 +155,8 @@ def changed_hyperparameters(name: str, obj: Any, stored: Any) -> list[str]:
             for key in sorted((set(now) | set(old)) - skip):
                 if _differs(old.get(key), now.get(key)):
                     group = f" group {i}" if len(stored["param_groups"]) > 1 else ""
-                    out.append(f"{name}{group} {key}: stored {old.get(key)}, now {now.get(key)}")
+                    hint = " (the learning rate, e.g. --learning_rate)" if key in ("lr", "initial_lr") else ""
+                    out.append(f"{name}{group} {key}{hint}: stored {old.get(key)}, now {now.get(key)}")
     elif isinstance(obj, torch.optim.lr_scheduler.LRScheduler) and isinstance(stored, dict):
         now = obj.state_dict()
         for key in sorted((set(now) | set(stored)) - _SCHEDULER_PROGRESS - {"optimizer"}):
