@@ -3,9 +3,9 @@ readable failures of `python -m monai.bundle run`, inference in the training geo
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,7 +255,7 @@ def test_bad_schedules_and_lists_stop_before_training(case, overrides, match, ti
     out = tmp_path / "ckpt"
     with pytest.raises(Exception) as err:
         train(out, data, **overrides)
-    assert __import__("re").search(match, error_chain(err.value)), error_chain(err.value)
+    assert re.search(match, error_chain(err.value)), error_chain(err.value)
     assert not (out / "model.pt").exists() and not (out / "train_state.pt").exists()
 
 
@@ -324,8 +324,6 @@ def test_inference_checks_its_images_up_front(tiny2d, tmp_path):
 
 
 def re_search(pattern, text):
-    import re
-
     return re.search(pattern, text) is not None
 
 
