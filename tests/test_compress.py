@@ -173,3 +173,54 @@ def test_zoo_bundle_compresses_end_to_end(name, tiny2d, tiny3d, tmp_path):
         assert len(segs) == len(test)
         seg = np.asarray(nib.load(segs[0]).dataobj)
         assert seg.shape[:2] == nib.load(test[0]).shape[:2] and set(np.unique(seg)) <= {0, 1, 2}
+
+
+def test_2d_images_with_channels_keep_2d_through_the_prepared_files(tmp_path):
+    """A 2D RGB teacher (PNG images): the prepared NIfTI files read back as (3, H, W) images and (1, H, W) labels in
+    the KD bundle's transforms and in the evaluation, and pass check_datalist as 2D with 3 channels."""
+    from monai.bundle import ConfigParser
+    from PIL import Image
+
+    from medkd.compress import _load, prepare, teacher_pipeline, training_overrides
+    from medkd.data import check_datalist
+
+    bundle = write_zoo_bundle(tmp_path, "ventricular_short_axis_3label",
+                              dict(ZOO["ventricular_short_axis_3label"], in_channels=3))
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(3):
+        rgb = rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)
+        label = rng.integers(0, 3, (32, 40), dtype=np.uint8)
+        Image.fromarray(rgb).save(tmp_path / f"img{i}.png")
+        Image.fromarray(label).save(tmp_path / f"lab{i}.png")
+        items.append({"image": str(tmp_path / f"img{i}.png"), "label": str(tmp_path / f"lab{i}.png")})
+    teacher = load_bundle_teacher(bundle)
+    pipeline = teacher_pipeline(teacher)
+    datalist = prepare(teacher, pipeline, {"training": items[:2], "test": items[2:]}, tmp_path / "prepared")
+    entries = json.loads(datalist.read_text())
+    train = [{k: str(datalist.parent / d[k]) for k in ("image", "label")} for d in entries["training"]]
+    check_datalist(train, 3, spatial_dims=2, in_channels=3)
+    config = training_overrides(teacher, pipeline, {"_target_": "UNet"}, [16, 16])
+    chain = ConfigParser({"roi_size": [16, 16], "c": {"_target_": "Compose",
+                                                        "transforms": config["train#deterministic_transforms"]}})
+    sample = chain.get_parsed_content("c")(train[0])
+    # LoadImage reads a PNG as (W, H, C): the expected arrays, after the teacher's ScaleIntensityd (min-max to 0..1)
+    rgb = np.asarray(Image.open(items[0]["image"]), dtype=np.float32).transpose(2, 1, 0)
+    rgb = (rgb - rgb.min()) / (rgb.max() - rgb.min())
+    label = np.asarray(Image.open(items[0]["label"])).T
+    assert tuple(sample["image"].shape) == (3, 40, 32) and tuple(sample["label"].shape) == (1, 40, 32)
+    np.testing.assert_allclose(sample["image"].numpy(), rgb, atol=1e-6)
+    np.testing.assert_array_equal(sample["label"][0].numpy(), label)
+    test = entries["test"][0]
+    assert tuple(_load(datalist.parent / test["image"], 2).shape) == (3, 40, 32)
+    assert tuple(_load(datalist.parent / test["teacher"], 2).shape) == (1, 40, 32)
+
+
+def test_width_preset_of_a_torchscript_teacher_is_a_clear_error(tmp_path):
+    bundle = write_zoo_bundle(tmp_path, "ventricular_short_axis_3label", weights="model.ts")
+    teacher = load_bundle_teacher(bundle)
+    assert teacher.torchscript
+    with pytest.raises(ValueError, match=r"student preset 'half' scales the teacher's network_def, but .*model.ts is "
+                                         r"a TorchScript teacher"):
+        student_definition(teacher, "half")
+    assert student_definition(teacher, "ENet")["_target_"] == "medkd.networks.ENet"  # a named student still works

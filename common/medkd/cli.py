@@ -5,6 +5,8 @@
     python -m medkd profile TARGET [TARGET ...] [--size 256,256] [--pairs T/S,...] [--out profile.md]
     python -m medkd export-bundle bundles/NAME --out DIR [--version X] [--ckpt PATH] [--teacher PATH] [--overwrite]
     python -m medkd cache-teacher bundles/NAME [--out DIR] [--recipe R.json] [--views 8] [--taps low,high] [--KEY VALUE]
+    python -m medkd compress TEACHER_BUNDLE --data DATALIST_OR_IMAGE_FOLDER --out DIR [--student quarter] [--epochs 20]
+        [--labels none|datalist] [--baseline] [--batch_size N]   (docs/compress.md)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import fire
 
-__all__ = ["main", "prepare", "demo", "profile", "export_bundle", "cache_teacher"]
+__all__ = ["main", "prepare", "demo", "profile", "export_bundle", "cache_teacher", "compress"]
 
 DATASETS = ("demo",)
 

@@ -9,11 +9,13 @@ Steps (each resumable: rerunning the same command skips what is done):
 2. **Prepare** — every image goes once through the teacher's own preprocessing (labels with nearest-neighbour
    interpolation) and the teacher's inferer; the preprocessed image, the teacher's prediction and the label are
    written under ``OUT/work/prepared`` with an MSD datalist, so the student sees exactly what the teacher saw.
-   Without labels (``--labels none``) the teacher's prediction fills the label slot; it is used to pick the best
-   checkpoint by agreement Dice only (the task loss is switched off: ``loss#lambda_dice`` = ``lambda_focal`` = 0).
-3. **Train** — a normal run of ``bundles/emkd_segmentation/configs/train.json`` with the logits-KD recipe
-   (``recipes/kd_logits.json``) and a generated ``compress.json`` (student ``network_def``, ``teacher_bundle``,
-   the prepared data, the teacher's inferer for validation); with labels, optionally the no-KD baseline
+   Without labels (``--labels none``) the teacher's prediction fills the label slot of the validation split, where
+   it picks the best checkpoint by agreement Dice only; training reads no label (the KD bundle's
+   ``recipes/label_free.json``: every sample unlabelled, no task loss).
+3. **Train** — a normal run of ``bundles/emkd_segmentation/configs/train.json`` with a generated ``compress.json``
+   (student ``network_def``, ``teacher_bundle``, the prepared data, the teacher's inferer for validation), label-free
+   also ``recipes/label_free.json``, then the logits-KD recipe (``recipes/kd_logits.json``); with labels, optionally
+   the no-KD baseline
    (``bundles/supervised_segmentation``) on the same data and schedule.
 4. **Evaluate** — on the held-out test split: Dice against labels where given, agreement Dice with the teacher,
    parameters, FLOPs, latency per volume (3D) or slice (2D) with the teacher's inferer, peak memory.
@@ -51,6 +53,7 @@ INTERPOLATING = {"Spacingd", "Resized", "Zoomd", "Rotated", "Affined", "Rand2DEl
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm")
 KD_BUNDLE = "emkd_segmentation"
 KD_RECIPE = "recipes/kd_logits.json"
+LABEL_FREE_RECIPE = "recipes/label_free.json"
 
 
 # --- teacher pipeline -----------------------------------------------------------------------------------------
@@ -307,6 +310,21 @@ def _check_sample(sample: dict, teacher: BundleTeacher, source: str) -> None:
                          f"({teacher.config_file.name} network_def) takes in_channels={teacher.in_channels}")
 
 
+def _stored_layout(teacher: BundleTeacher) -> str:
+    """How prepared arrays are stored: ``"plain"`` (spatial axes, channels last when several) or, for 2D images with
+    several channels, ``"2d_channels"``: ``(H, W, 1, C)`` images and ``(H, W, 1)`` labels, because NIfTI puts channels
+    after three spatial axes — a channel-last ``(H, W, C)`` array would be read back by MONAI as a 3D image."""
+    return "2d_channels" if teacher.spatial_dims == 2 and (teacher.in_channels or 1) > 1 else "plain"
+
+
+def _to_file(array: np.ndarray, layout: str) -> np.ndarray:
+    """A channel-first ``(C, *spatial)`` array in the order written to NIfTI for ``layout`` (see :func:`_stored_layout`)."""
+    spatial_last = array.transpose(*range(1, array.ndim), 0)  # (*spatial, C)
+    if layout == "2d_channels":
+        return spatial_last[:, :, None, :] if array.shape[0] > 1 else spatial_last
+    return spatial_last[..., 0] if array.shape[0] == 1 else spatial_last
+
+
 def _predict(net: nn.Module, inferer, image: torch.Tensor) -> torch.Tensor:
     from medkd.distill.teacher import first_tensor
 
@@ -345,12 +363,12 @@ def prepare(teacher: BundleTeacher, pipeline: dict, splits: dict[str, list[dict]
                     image = sample["image"]
                     pred = _predict(teacher.network, inferer, image.float()).argmax(0)
                     affine = getattr(image, "affine", np.eye(image.ndim))
-                    _nifti(image.cpu().numpy().transpose(*range(1, image.ndim), 0).squeeze(-1) if image.shape[0] == 1
-                           else image.cpu().numpy().transpose(*range(1, image.ndim), 0).astype(np.float32),
-                           affine, folder / entry["image"])
-                    _nifti(pred.cpu().numpy().astype(np.uint8), affine, folder / entry["teacher"])
+                    layout = _stored_layout(teacher)
+                    _nifti(_to_file(image.cpu().numpy().astype(np.float32), layout), affine, folder / entry["image"])
+                    _nifti(_to_file(pred[None].cpu().numpy().astype(np.uint8), layout), affine, folder / entry["teacher"])
                     if "label" in item:
-                        _nifti(sample["label"][0].cpu().numpy().round().astype(np.uint8), affine, folder / entry["label_user"])
+                        _nifti(_to_file(sample["label"][:1].cpu().numpy().round().astype(np.uint8), layout), affine,
+                               folder / entry["label_user"])
                 entry["label"] = entry.get("label_user", entry["teacher"])  # the teacher fills in missing labels
                 entry["source"] = item["image"]
                 datalist[split].append(entry)
@@ -371,8 +389,9 @@ def _roi(pipeline: dict, teacher: BundleTeacher, sample_shape: Sequence[int]) ->
     return [int(16 * max(1, s // 16)) for s in sample_shape]
 
 
-def training_overrides(teacher: BundleTeacher, pipeline: dict, student: dict, roi: list[int], label_free: bool) -> dict:
-    """The generated ``compress.json``: what the KD bundle's ``train.json`` runs with on the prepared data."""
+def training_overrides(teacher: BundleTeacher, pipeline: dict, student: dict, roi: list[int]) -> dict:
+    """The generated ``compress.json``: what the KD bundle's ``train.json`` runs with on the prepared data (label-free
+    runs add ``recipes/label_free.json`` after it, which marks every training sample unlabelled)."""
     both = ["image", "label"]
     config = {
         "teacher_bundle": str(teacher.bundle),
@@ -386,6 +405,8 @@ def training_overrides(teacher: BundleTeacher, pipeline: dict, student: dict, ro
         "train#deterministic_transforms": [
             {"_target_": "LoadImaged", "keys": both, "image_only": True},
             {"_target_": "EnsureChannelFirstd", "keys": both},
+            *([{"_target_": "SqueezeDimd", "keys": both, "dim": -1}]  # (C, H, W, 1) -> (C, H, W): _stored_layout
+              if _stored_layout(teacher) == "2d_channels" else []),
             {"_target_": "SpatialPadd", "keys": both, "spatial_size": "@roi_size"},
             {"_target_": "EnsureTyped", "keys": both},
         ],
@@ -395,8 +416,6 @@ def training_overrides(teacher: BundleTeacher, pipeline: dict, student: dict, ro
         ],
         "validate#inferer": pipeline["inferer"],
     }
-    if label_free:  # the task loss is zero: the teacher's soft outputs are the only target
-        config.update({"loss#lambda_dice": 0.0, "loss#lambda_focal": 0.0})
     return config
 
 
@@ -422,10 +441,14 @@ def _run(name: str, bundle: str, configs: list[str], overrides: dict, work: Path
 # --- evaluation -------------------------------------------------------------------------------------------------
 
 
-def _load(path: Path) -> torch.Tensor:
+def _load(path: Path, spatial_dims: int | None = None) -> torch.Tensor:
+    """A prepared file, channel first, with the singleton third axis of the ``2d_channels`` layout removed."""
     from monai.transforms import EnsureChannelFirst, LoadImage
 
-    return EnsureChannelFirst()(LoadImage(image_only=True)(str(path)))
+    array = EnsureChannelFirst()(LoadImage(image_only=True)(str(path)))
+    if spatial_dims == 2 and array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
 
 
 def _mean_dice(preds: list[torch.Tensor], refs: list[torch.Tensor], num_classes: int) -> dict:
@@ -451,9 +474,11 @@ def evaluate(networks: dict[str, nn.Module], pipeline: dict, datalist: Path, num
     folder = datalist.parent
     test = json.loads(datalist.read_text())["test"]
     inferer = _instantiate(pipeline["inferer"])
-    images = [_load(folder / d["image"]) for d in test]
-    teacher_refs = [_load(folder / d["teacher"])[0] for d in test]
-    labels = [_load(folder / d["label_user"])[0] for d in test] if all("label_user" in d for d in test) else None
+    dims = len(roi)
+    images = [_load(folder / d["image"], dims) for d in test]
+    teacher_refs = [_load(folder / d["teacher"], dims)[0] for d in test]
+    labels = ([_load(folder / d["label_user"], dims)[0] for d in test] if all("label_user" in d for d in test)
+              else None)
     results = {}
     for name, net in networks.items():
         net = net.eval()
@@ -627,7 +652,7 @@ def compress(teacher_bundle: str | Path, data: str | Path, out: str | Path, stud
     work = out / "work"
     (work / "logs").mkdir(parents=True, exist_ok=True)
     datalist = prepare(teacher, pipeline, splits, work / "prepared")
-    overrides = training_overrides(teacher, pipeline, definition, roi, label_free=labels == "none")
+    overrides = training_overrides(teacher, pipeline, definition, roi)
     config_file = work / "compress.json"
     config_file.write_text(json.dumps(overrides, indent=1))
     common = {"dataset_dir": datalist.parent, "epochs": epochs, "seed": seed, "val_interval": val_interval,
@@ -636,7 +661,8 @@ def compress(teacher_bundle: str | Path, data: str | Path, out: str | Path, stud
         common.update({"batch_size": batch_size, "val_batch_size": batch_size})
     if learning_rate:
         common["learning_rate"] = learning_rate
-    kd_configs = ["train.json", KD_RECIPE, str(config_file)]
+    # label-free: the KD bundle's own recipe (training labels dropped, task loss 0); the KD recipe comes last
+    kd_configs = ["train.json", str(config_file), *([LABEL_FREE_RECIPE] if labels == "none" else []), KD_RECIPE]
     student_ckpt = _run("student", KD_BUNDLE, kd_configs, common, work)
     runs = {"student": student_ckpt}
     if baseline:

@@ -244,7 +244,10 @@ def check_datalist(
             files[key] = paths[0]
         if label_key in shapes:
             img, lab = _spatial(shapes[image_key]), _spatial(shapes[label_key])
-            if img != lab and img[:-1] != lab:
+            # spatial parts as LoadImage reads them (a 2D NIfTI with channels is (H, W, 1, C), its label (H, W, 1))
+            img_spatial = _spatial(image_geometry(files[image_key], shapes[image_key])[0])
+            lab_spatial = _spatial(image_geometry(files[label_key], shapes[label_key])[0])
+            if img != lab and img[:-1] != lab and img_spatial != lab_spatial:
                 raise ValueError(
                     f"{where}: image {files[image_key]} has shape {shapes[image_key]} but label "
                     f"{files[label_key]} has shape {shapes[label_key]}"
