@@ -147,7 +147,7 @@ def test_best_model_and_training_state_stay_consistent_whatever_the_kill(tmp_pat
     assert load_state_dict_file(tmp_path / "model.pt")["weight"].flatten().tolist() == [0.5, 0.5]
     assert torch.load(tmp_path / "train_state.pt", weights_only=True)["trainer"]["iteration"] == 1
     # the resumed run redoes epoch 2 (a worse score now): model.pt stays the stored best, no "new best" below it
-    resumed = _scored_run(tmp_path, [0.5, 0.3, 0.4])
+    _scored_run(tmp_path, [0.5, 0.3, 0.4])
     assert load_state_dict_file(tmp_path / "model.pt")["weight"].flatten().tolist() == [0.5, 0.5]
     assert not list(tmp_path.glob(".model.pt.*"))
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)["best_model_saver"]
