@@ -1,6 +1,7 @@
 """Kill/resume stress test of a bundle's training: N trials of random ``kill -9`` then the same command again.
 
     python tools/resume_stress.py --n 20 [--bundle supervised_segmentation] [--epochs 4] [--kills 2] [--seed 0]
+                                  [--workdir DIR] [--keep]
 
 Each trial trains the bundle on tiny demo data (prepared under ``--workdir``) with ``python -m monai.bundle run``,
 kills the process group with SIGKILL at ``--kills`` random moments, runs the same command again after each kill and
@@ -26,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,12 +68,13 @@ def _model_score(bundle: str, data: Path, out: Path) -> float:
 
 
 def main(n: int = 20, bundle: str = "supervised_segmentation", epochs: int = 4, kills: int = 2, seed: int = 0,
-         workdir: str = "resume_stress", keep: bool = False) -> None:
-    """Run the stress test and print the per-trial results and the summary (JSON)."""
+         workdir: str | None = None, keep: bool = False) -> None:
+    """Run the stress test and print the per-trial results and the summary (JSON); ``workdir`` defaults to a new
+    temporary folder."""
     from medkd.data.demo import prepare_demo
 
     rng = random.Random(seed)
-    work = Path(workdir).resolve()
+    work = Path(workdir or tempfile.mkdtemp(prefix="medkd_resume_stress_")).resolve()
     data = work / "data"
     if not (data / "datalist.json").is_file():
         prepare_demo(data, subjects=3, seed=1, dims=2, spacing=4.0, slices_per_subject=4)
