@@ -164,10 +164,15 @@ class BatchMixing:
         return MixedBatch(paste_box(image, index, box), mixed_label, None, lam, index, box, both)
 
     def state_dict(self) -> dict:
-        """The generator state (save it with the training state so a resumed run draws the same batches)."""
-        return {"generator": self.generator.get_state()}
+        """The generator state (save it with the training state so a resumed run draws the same batches) and the
+        settings (a resumed run with other settings is refused by :meth:`load_state_dict`)."""
+        return {"generator": self.generator.get_state(), "mode": self.mode, "alpha": self.alpha, "prob": self.prob}
 
     def load_state_dict(self, state: dict) -> None:
+        changed = [f"{k}: stored {state[k]!r}, now {getattr(self, k)!r}" for k in ("mode", "alpha", "prob")
+                   if k in state and state[k] != getattr(self, k)]
+        if changed:
+            raise ValueError("the stored batch mixing had other settings (" + "; ".join(changed) + ")")
         self.generator.set_state(state["generator"])
 
 

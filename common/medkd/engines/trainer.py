@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from ignite.engine import Events
@@ -13,11 +12,10 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
+from medkd.data.mixing import BatchMixing, MixedBatch, mixed_task_loss
 from medkd.distill import Distiller
 
 __all__ = ["KDTrainer", "AdversaryStep", "ObjectiveTrainer", "mean_across_ranks"]
-
-logger = logging.getLogger(__name__)
 
 
 def amp_enabled(engine: SupervisedTrainer) -> bool:
@@ -102,12 +100,27 @@ class KDTrainer(SupervisedTrainer):
     trainer passes them on. Whenever the loader's dataset has ``set_epoch`` (recorded views), the trainer calls it with
     the 0-based epoch at every epoch start.
 
+    Batch mixing (``batch_mixing``, off by default; Beyer et al., CVPR 2022: KD as function matching on consistent,
+    mixed views): every batch is mixed by a :class:`~medkd.data.mixing.BatchMixing` (mixup or CutMix) right after
+    ``prepare_batch``, *before* both networks, so the teacher sees exactly the mixed image the student sees and its
+    outputs on it are the KD targets. The task loss follows :func:`~medkd.data.mixing.mixed_task_loss`: CutMix pastes
+    the same box into the label maps, so the task loss and every term that reads ``label`` see the exact label of the
+    mixed image; mixup's task loss is ``lam · L(pred, label) + (1 - lam) · L(pred, label[index])``, while terms that
+    read ``label`` (e.g. EMKD's region affinity, IFVD) see ``label``, the label map of the image weighted ``lam`` (a
+    mixup image has no single label map). Semi-supervised batches: a mixed sample counts as labelled only when both
+    of its sources are. ``engine.state.output`` holds the mixed images and the labels the terms saw (training
+    metrics are computed on them). The mixing's generator state belongs in the resumable training state (the
+    bundles pass the same object to :class:`~medkd.engines.TrainingState` as ``batch_mixing``). Batch mixing cannot
+    be combined with ``teacher_cache`` (the cached outputs belong to unmixed images): refused at construction.
+
     Args:
         distiller: the :class:`~medkd.distill.Distiller` to train, or a ``DistributedDataParallel`` wrapping it
             (multi-GPU); passed to MONAI as ``network``.
         optimizer: optimiser over ``distiller.trainable_parameters()``.
         adversaries: :class:`AdversaryStep` objects run after each student step, in order.
         teacher_cache: a teacher cache folder (``python -m medkd cache-teacher``), or ``None`` for the live teacher.
+        batch_mixing: a :class:`~medkd.data.mixing.BatchMixing`, or a dict of its arguments (``mode``, ``alpha``,
+            ``prob``, ``seed``), or ``None`` (default: no mixing, every step exactly as without this argument).
         compile: run the student (and a live teacher) through ``torch.compile`` (``nn.Module.compile``: weights,
             state dicts and taps unchanged); where compilation fails, the first iteration falls back to eager mode
             with a warning.
@@ -117,13 +130,26 @@ class KDTrainer(SupervisedTrainer):
     """
 
     def __init__(self, distiller: Distiller, optimizer: torch.optim.Optimizer, adversaries: Sequence[AdversaryStep] = (),
-                 teacher_cache: str | None = None, compile: bool = False, **kwargs: Any):
+                 teacher_cache: str | None = None, compile: bool = False,
+                 batch_mixing: BatchMixing | Mapping[str, Any] | None = None, **kwargs: Any):
         for key in ("network", "loss_function", "iteration_update", "accumulation_steps", "compile_kwargs"):
             if key in kwargs:
                 raise TypeError(f"KDTrainer does not take '{key}': the Distiller defines the network and its losses")
         core = distiller.module if isinstance(distiller, torch.nn.parallel.DistributedDataParallel) else distiller
         if not isinstance(core, Distiller):
             raise TypeError(f"KDTrainer needs a medkd.distill.Distiller (optionally DDP-wrapped), got {type(core).__name__}")
+        if isinstance(batch_mixing, Mapping):
+            batch_mixing = BatchMixing(**batch_mixing)
+        if batch_mixing is not None and not isinstance(batch_mixing, BatchMixing):
+            raise TypeError(f"batch_mixing must be a medkd.data.mixing.BatchMixing, a dict of its arguments or None, "
+                            f"got {type(batch_mixing).__name__}")
+        if batch_mixing is not None and teacher_cache:
+            raise ValueError(
+                f"batch_mixing ({batch_mixing.mode}) and teacher_cache ({teacher_cache}) cannot be combined: the cached "
+                "teacher outputs belong to the unmixed images, the student would see mixed ones; set batch_mixing to "
+                "null to train from the cache, or teacher_cache to null to mix batches with the live teacher"
+            )
+        self.batch_mixing = batch_mixing
         super().__init__(network=distiller, optimizer=optimizer, loss_function=core.task_loss, **kwargs)
         self.distiller = core
         self.adversaries = list(adversaries or [])
@@ -157,11 +183,33 @@ class KDTrainer(SupervisedTrainer):
         self._compiled = []
         torch._dynamo.reset()
 
-    def _forward_backward(self, engine: "KDTrainer", inputs, targets, labelled, teacher_outputs) -> dict:
+    def _mixup_task(self, out: dict, mixed: MixedBatch, labelled) -> None:
+        """Replace the Distiller's task loss ``L(pred, label)`` in ``out`` by mixup's
+        ``lam · L(pred, label) + (1 - lam) · L(pred, label_b)`` (on the labelled samples)."""
+        pred, label, label_b = out["pred"], mixed.label, mixed.label_b
+        if labelled is not None:
+            mask = torch.as_tensor(labelled, dtype=torch.bool).view(-1).to(pred.device)
+            if not bool(mask.any()):
+                return  # no labelled sample: the task loss is 0 either way
+            pred, label, label_b = pred[mask], label[mask], label_b[mask]
+
+        def task(p, y):
+            value = self.distiller.task_loss(p, y)
+            return value.mean() if value.ndim else value
+
+        plain = task(pred, label)  # what the Distiller added to the total
+        mixed_task = mixed_task_loss(task, pred, label, label_b, mixed.lam)
+        out["loss"] = out["loss"] - plain + mixed_task
+        out["loss_task"] = mixed_task.detach()
+
+    def _forward_backward(self, engine: "KDTrainer", inputs, targets, labelled, teacher_outputs,
+                          mixed: MixedBatch | None = None) -> dict:
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         use_amp = amp_enabled(engine)
         with torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
             out = engine.network(inputs, targets, labelled, teacher_outputs=teacher_outputs)
+            if mixed is not None and mixed.label_b is not None and targets is not None:
+                self._mixup_task(out, mixed, labelled)
         engine.state.output[Keys.PRED] = out["pred"]
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         loss = out["loss"]
@@ -181,20 +229,26 @@ class KDTrainer(SupervisedTrainer):
         if isinstance(batchdata, dict) and any(isinstance(k, str) and k.startswith("t.") for k in batchdata):
             teacher_outputs = {k: torch.as_tensor(v).to(engine.state.device, non_blocking=engine.non_blocking)
                                for k, v in batchdata.items() if isinstance(k, str) and k.startswith("t.")}
+        mixed = None
+        if self.batch_mixing is not None:  # before both networks: the teacher sees the mixed image too
+            mixed = self.batch_mixing(inputs, targets, labelled)
+            inputs, targets = mixed.image, mixed.label
+            if labelled is not None:
+                labelled = mixed.labelled
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
 
         engine.network.train()
         if self._compiled and not self._compile_tried:
             self._compile_tried = True
             try:  # the first compiled step: compilation errors surface here; fall back to eager mode
-                out = self._forward_backward(engine, inputs, targets, labelled, teacher_outputs)
+                out = self._forward_backward(engine, inputs, targets, labelled, teacher_outputs, mixed)
             except FloatingPointError:
                 raise
             except Exception as error:  # noqa: BLE001 - any compiler failure; eager mode re-raises real errors
                 self._uncompile(error)
-                out = self._forward_backward(engine, inputs, targets, labelled, teacher_outputs)
+                out = self._forward_backward(engine, inputs, targets, labelled, teacher_outputs, mixed)
         else:
-            out = self._forward_backward(engine, inputs, targets, labelled, teacher_outputs)
+            out = self._forward_backward(engine, inputs, targets, labelled, teacher_outputs, mixed)
 
         features = out.pop("features")
         for adversary in self.adversaries:
