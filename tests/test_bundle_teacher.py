@@ -252,3 +252,66 @@ def test_kd_bundles_keep_their_own_teacher_when_teacher_bundle_is_null(bundle):
         "bundle_teacher_ckpt(@teacher_ckpt, @teacher_bundle)" in text
     sentinel = torch.nn.Linear(1, 1)
     assert bundle_teacher_network(sentinel, None) is sentinel and bundle_teacher_ckpt("t.pt", None) == "t.pt"
+
+
+def _strings(node, path="", parent=None):
+    """(id, parent container, string) of every string in a config."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, f"{path}#{k}" if path else k, node)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _strings(v, f"{path}#{i}", node)
+    elif isinstance(node, str):
+        yield path, parent, node
+
+
+def test_every_config_that_builds_a_teacher_honours_teacher_bundle():
+    """Every train/stage config and recipe of every bundle: wherever ``@teacher_def`` is used (distiller blocks, live
+    teachers, tap_channels), it goes through bundle_teacher_network(@teacher_def, @teacher_bundle...), and each
+    teacher checkpoint next to it through bundle_teacher_ckpt; recipes that add a teacher to the teacher-free ACW-SKD
+    declare teacher_bundle null. (MTMS-CKD's train_teacher.json trains the teacher itself: not a KD teacher.)"""
+    seen = 0
+    for path in sorted(BUNDLES.glob("*/configs/**/*.json")):
+        if path.name in ("metadata.json", "train_teacher.json"):
+            continue
+        config = json.loads(path.read_text())
+        for key, parent, text in _strings(config):
+            if "@teacher_def" in text:
+                seen += 1
+                assert text.count("@teacher_def") == text.count("bundle_teacher_network(@teacher_def, @teacher_bundle"), \
+                    f"{path}#{key}: {text}"
+            if key.endswith(("#teacher_ckpt", "#checkpoint")) and "bundle_teacher_network" in json.dumps(parent):
+                assert text == "$medkd.distill.bundle_teacher_ckpt(@teacher_ckpt, @teacher_bundle)", f"{path}#{key}"
+        if "@teacher_bundle" in path.read_text() and "acw_skd" in str(path):
+            assert "teacher_bundle" in config and config["teacher_bundle"] is None, path
+    assert seen >= 40  # the KD bundles' train.json, their stage configs and recipes
+
+
+def test_acw_skd_recipe_and_gkd_alignment_read_the_teacher_bundle(tiny2d, tmp_path):
+    """ACW-SKD + recipes/kd_fitnet.json (a plain Distiller with a teacher) and GKD's teacher alignment network with
+    ``--teacher_bundle``: the teacher is the bundle's network with its weights, and the FitNet regressor / MSAN input
+    are sized from the bundle teacher's taps (channel counts measured here with a forward hook)."""
+    bundle = write_zoo_bundle(tmp_path, "ventricular_short_axis_3label")
+    teacher = load_bundle_teacher(bundle).network.eval()
+
+    def channels(tap: str) -> int:
+        found = []
+        handle = resolve_tap(teacher, tap, "teacher").register_forward_hook(lambda m, i, o: found.append(o.shape[1]))
+        with torch.no_grad():
+            teacher(torch.zeros(1, 1, 48, 64))
+        handle.remove()
+        return int(found[0])
+
+    wf = workflow("acw_skd_segmentation", ["train.json", "recipes/kd_fitnet.json"], dataset_dir=str(tiny2d),
+                  ckpt_dir=str(tmp_path / "m"), output_dir=str(tmp_path / "e"), teacher_bundle=str(bundle), **TINY_2D)
+    distiller = wf.parser.get_parsed_content("distiller")
+    saved = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    live = distiller.teacher
+    assert all(torch.equal(saved[k], v.cpu()) for k, v in live.network.state_dict().items())
+    fitnet = distiller.terms[0].loss
+    assert fitnet.teacher_channels == channels("high") != 64  # 64: the bundle's own teacher_def at 'high'
+    wf = workflow("gkd_segmentation", ["train.json"], dataset_dir=str(tiny2d), ckpt_dir=str(tmp_path / "g"),
+                  output_dir=str(tmp_path / "ge"), teacher_bundle=str(bundle), **TINY_2D)
+    tap = wf.parser.get_parsed_content("teacher_tap")
+    assert wf.parser.get_parsed_content("teacher_msan_def#in_channels") == channels(tap)
