@@ -166,6 +166,14 @@ def test_zoo_bundle_compresses_end_to_end(name, tiny2d, tiny3d, tmp_path):
     again = compress(bundle, data, out, student="half", epochs=1, labels="none", batch_size=2)
     assert again["models"]["student"]["dice_teacher_agreement"] == student["dice_teacher_agreement"]
 
+    if name == "ventricular_short_axis_3label":  # offline KD: the teacher's outputs cached once, then served
+        offline = compress(bundle, data, tmp_path / "offline", student="half", epochs=2, labels="none", batch_size=2,
+                           teacher_views=1, export=False)
+        work = tmp_path / "offline" / "work"
+        manifest = json.loads((work / "teacher_cache" / "manifest.json").read_text())
+        assert manifest["views"] == 1 and manifest["complete"] and offline["teacher_views"] == 1
+        assert f"--teacher_cache {work / 'teacher_cache'}" in (work / "logs" / "student.log").read_text().splitlines()[0]
+
     if name == "ventricular_short_axis_3label":  # zoo users run inference.json without medkd
         test = [Path(d["image"]) for d in json.loads(data.read_text())["test"]]
         test = [p if p.is_absolute() else data.parent / p for p in test]

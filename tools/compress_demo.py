@@ -16,9 +16,9 @@ from pathlib import Path
 
 import fire
 
-SETTINGS = {  # small enough for 2 CPU cores: ~10 min for 2D, ~20 min for 3D
+SETTINGS = {  # small enough for one CPU thread: ~15 min for 2D, ~30 min for 3D
     2: {"subjects": 8, "spacing": 2.0, "teacher_epochs": 15, "epochs": 10, "roi": [96, 112], "batch": 16},
-    3: {"subjects": 6, "spacing": 4.0, "teacher_epochs": 20, "epochs": 15, "roi": [32, 32, 32], "batch": 2},
+    3: {"subjects": 8, "spacing": 3.0, "teacher_epochs": 40, "epochs": 25, "roi": [48, 48, 48], "batch": 2},
 }
 START, END = "<!-- compress-demo:start -->", "<!-- compress-demo:end -->"
 

@@ -6,7 +6,7 @@
     python -m medkd export-bundle bundles/NAME --out DIR [--version X] [--ckpt PATH] [--teacher PATH] [--overwrite]
     python -m medkd cache-teacher bundles/NAME [--out DIR] [--recipe R.json] [--views 8] [--taps low,high] [--KEY VALUE]
     python -m medkd compress TEACHER_BUNDLE --data DATALIST_OR_IMAGE_FOLDER --out DIR [--student quarter] [--epochs 20]
-        [--labels none|datalist] [--baseline] [--batch_size N]   (docs/compress.md)
+        [--labels none|datalist] [--baseline] [--batch_size N] [--teacher_views K]   (docs/compress.md)
 """
 
 from __future__ import annotations
@@ -156,18 +156,19 @@ def cache_teacher(bundle: str, out: str | None = None, recipe: str | None = None
 
 def compress(teacher_bundle: str, data: str, out: str, student="quarter", epochs: int = 20, labels: str = "none",
              baseline: bool = False, seed: int = 0, batch_size: int | None = None, val_interval: int = 1,
-             learning_rate: float | None = None) -> None:
+             learning_rate: float | None = None, teacher_views: int = 0) -> None:
     """Compress a MONAI bundle (TEACHER_BUNDLE) into a student trained by KD on DATA (datalist JSON or image folder);
     writes OUT/report.md, OUT/report.json and the student bundle OUT/compressed_<teacher>; see docs/compress.md.
 
     ``--student`` half|quarter|eighth (the teacher's architecture at that width), a class name or a _target_ dict;
     ``--labels none`` (label-free: the teacher's soft outputs are the only target) or ``datalist``; ``--baseline``
-    also trains the student without KD (needs labels). Rerunning the same command resumes.
+    also trains the student without KD (needs labels); ``--teacher_views K`` trains offline from K cached views of
+    the teacher's outputs (fewer teacher forwards when epochs > K). Rerunning the same command resumes.
     """
     from medkd.compress import compress as run
 
     run(teacher_bundle, data, out, student=student, epochs=epochs, labels=labels, baseline=baseline, seed=seed,
-        batch_size=batch_size, val_interval=val_interval, learning_rate=learning_rate)
+        batch_size=batch_size, val_interval=val_interval, learning_rate=learning_rate, teacher_views=teacher_views)
 
 
 def main() -> None:

@@ -438,6 +438,24 @@ def _run(name: str, bundle: str, configs: list[str], overrides: dict, work: Path
     return folder / "model.pt"
 
 
+def build_cache(configs: list[str], overrides: dict, work: Path, views: int) -> Path:
+    """Offline KD: the KD bundle's ``cache_teacher.json`` run with the student's own configs (same data, transforms,
+    recipe and taps), ``views`` recorded views per training item, into ``work/teacher_cache`` (skipped when its
+    ``done.json`` exists; an interrupted build resumes; a cache built for other settings is refused by name)."""
+    from medkd.demo import _run_bundle
+
+    cache = work / "teacher_cache"
+    done = work / "teacher_cache.done.json"
+    if done.is_file() and json.loads(done.read_text()).get("views") == views:
+        print(f"[teacher cache] done earlier ({cache})", flush=True)
+        return cache
+    seconds = _run_bundle("teacher_cache", KD_BUNDLE, [*configs, "cache_teacher.json"],
+                          {**overrides, "cache_dir": cache, "cache_views": views, "ckpt_dir": work / "teacher_cache_run",
+                           "output_dir": work / "teacher_cache_run"}, work / "logs")
+    done.write_text(json.dumps({"seconds": seconds, "views": views}))
+    return cache
+
+
 # --- evaluation -------------------------------------------------------------------------------------------------
 
 
@@ -607,7 +625,7 @@ def report_markdown(report: dict) -> str:
 def compress(teacher_bundle: str | Path, data: str | Path, out: str | Path, student: str | dict = "quarter",
              epochs: int = 20, labels: str = "none", baseline: bool = False, seed: int = 0,
              batch_size: int | None = None, val_interval: int = 1, learning_rate: float | None = None,
-             export: bool = True) -> dict:
+             export: bool = True, teacher_views: int = 0) -> dict:
     """Compress ``teacher_bundle`` into a student trained by KD on ``data``; see the module docstring.
 
     Args:
@@ -621,6 +639,11 @@ def compress(teacher_bundle: str | Path, data: str | Path, out: str | Path, stud
         baseline: also train the student without KD (needs labels) for the report.
         seed, batch_size, val_interval, learning_rate: training settings (defaults of the KD bundle otherwise).
         export: write the model-zoo bundle.
+        teacher_views: 0 (default) runs the teacher live in every training step; ``K > 0`` is offline KD: the teacher
+            runs once over ``K`` recorded augmented views of every training item (``python -m medkd cache-teacher``,
+            :mod:`medkd.distill.cache`), stored under ``out/work/teacher_cache``, and epoch ``e`` trains on view
+            ``e mod K`` with the stored outputs. It saves teacher forwards when ``epochs > K`` (a big teacher: about
+            ``K / epochs`` of the online teacher cost) at the price of ``K`` distinct augmentations per item.
 
     Returns:
         the report dict (also written to ``out/report.json``).
@@ -663,7 +686,12 @@ def compress(teacher_bundle: str | Path, data: str | Path, out: str | Path, stud
         common["learning_rate"] = learning_rate
     # label-free: the KD bundle's own recipe (training labels dropped, task loss 0); the KD recipe comes last
     kd_configs = ["train.json", str(config_file), *([LABEL_FREE_RECIPE] if labels == "none" else []), KD_RECIPE]
-    student_ckpt = _run("student", KD_BUNDLE, kd_configs, common, work)
+    if int(teacher_views) < 0:
+        raise ValueError(f"--teacher_views must be 0 (live teacher) or a number of views > 0, got {teacher_views}")
+    student_overrides = dict(common)
+    if int(teacher_views) > 0:
+        student_overrides["teacher_cache"] = build_cache(kd_configs, common, work, int(teacher_views))
+    student_ckpt = _run("student", KD_BUNDLE, kd_configs, student_overrides, work)
     runs = {"student": student_ckpt}
     if baseline:
         runs["baseline"] = _run("baseline", "supervised_segmentation", ["train.json", str(config_file)], common, work)
@@ -680,6 +708,7 @@ def compress(teacher_bundle: str | Path, data: str | Path, out: str | Path, stud
     report = {
         "teacher_bundle": teacher.bundle.name, "student": definition, "labels": labels, "epochs": epochs,
         "spatial_dims": teacher.spatial_dims, "roi_size": roi, "kd_bundle": KD_BUNDLE, "kd_recipe": KD_RECIPE,
+        "kd_configs": [Path(c).name for c in kd_configs], "teacher_views": int(teacher_views),
         "test_items": len(json.loads(datalist.read_text())["test"]), "models": results,
         "student_params_ratio": t["params"] / s["params"],
         "student_latency_ratio": t["latency_ms_per_image"] / s["latency_ms_per_image"],
