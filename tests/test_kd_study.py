@@ -1,0 +1,65 @@
+"""tools/kd_study.py: schedules in optimiser steps (checked against the bundles' real data loaders), and a tiny study."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY_2D, workflow
+
+sys.path.insert(0, str(ROOT / "tools"))
+import kd_study  # noqa: E402
+
+
+@pytest.mark.parametrize("regime", ["a", "c", "d"])
+def test_steps_per_epoch_match_the_bundle_data_loaders(regime, tiny2d, teacher_2d, tmp_path):
+    spec = kd_study.REGIMES[regime]
+    lists = json.loads((tiny2d / "datalist.json").read_text())
+    labelled, unlabelled = len(lists["training"]), len(lists["unlabeled"])
+    batch = 2
+    wf = workflow(kd_study.KD_BUNDLE, ["train.json", *spec["data"]], dataset_dir=str(tiny2d), ckpt_dir=str(tmp_path),
+                  output_dir=str(tmp_path / "eval"), teacher_ckpt=str(teacher_2d),
+                  **{**TINY_2D, "batch_size": batch, **spec.get("overrides", {})})
+    loader = wf.parser.get_parsed_content("train#dataloader")
+    assert kd_study.steps_per_epoch(spec["kind"], labelled, unlabelled, batch) == len(loader)
+    control = workflow("supervised_segmentation", ["train.json"], dataset_dir=str(tiny2d), ckpt_dir=str(tmp_path / "c"),
+                       output_dir=str(tmp_path / "c" / "eval"), **{**TINY_2D, "batch_size": batch})
+    assert kd_study.steps_per_epoch("labelled", labelled, 0, batch) == len(control.parser.get_parsed_content("train#dataloader"))
+
+
+def test_epochs_for_needs_whole_epochs():
+    assert kd_study.epochs_for(384, 96, "x") == 4 and kd_study.epochs_for(384, 12, "x") == 32
+    with pytest.raises(ValueError, match="360 steps is not a whole number of epochs of 96"):
+        kd_study.epochs_for(360, 96, "regime c")
+
+
+def test_the_demo_regimes_are_whole_epochs_for_control_and_kd():
+    """The shipped regimes on the study's data (192 labelled, 768 unlabelled slices): both sides make exactly the
+    regime's steps."""
+    for regime, spec in kd_study.REGIMES.items():
+        kd = kd_study.steps_per_epoch(spec["kind"], 192, 768)
+        control = kd_study.steps_per_epoch("labelled", 192, 0)
+        assert spec["steps"] % kd == 0 and spec["steps"] % control == 0, regime
+
+
+@pytest.mark.slow
+def test_tiny_study_records_same_steps_runs_and_resumes(tiny2d, tmp_path):
+    """Regimes (c) and (d) on the tiny data, 2 steps each: every recipe and its control made exactly 2 optimiser
+    steps, the JSON holds every run and the teacher's validation curve, and a second call redoes nothing."""
+    doc = tmp_path / "results.md"
+    cmd = [sys.executable, str(ROOT / "tools" / "kd_study.py"), "run", "--parts", "c,d", "--seeds", "0",
+           "--out", str(tmp_path / "out"), "--data_dir", str(tiny2d), "--teacher_steps", "2", "--doc", str(doc),
+           "--steps", "{'a': 2, 'b': 2, 'c': 2, 'd': 2}"]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    state = json.loads(doc.with_suffix(".json").read_text())
+    assert set(state["runs"]) == {f"{r}/{n}/seed0" for r in "cd" for n in kd_study.RECIPES}
+    assert all(run["steps"] == 2 for run in state["runs"].values())
+    assert state["teacher"]["validation_curve"] and 0 <= state["teacher"]["dice"]["mean"] <= 1
+    assert state["runs"]["c/logits KD T 1/seed0"]["offline"] and not state["runs"]["c/EMKD/seed0"]["offline"]
+    text = doc.read_text()
+    assert "(c) 8 labelled + 32 unlabelled subjects" in text and doc.with_suffix(".png").is_file()
+    again = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
+    assert "monai.bundle run" not in again.stdout  # nothing retrained or re-evaluated

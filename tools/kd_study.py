@@ -1,0 +1,443 @@
+"""Where does KD pay on the demo data? Regimes x recipes x seeds, each KD run beside its same-steps no-KD control.
+
+    python tools/kd_study.py run [--parts c,d,a,b] [--seeds 0,1,2] [--out results/kd_study] [--commit False]
+    python tools/kd_study.py report [--out results/kd_study]      # docs/results.md, .json, .png from stored runs
+
+One teacher (the supervised bundle's default network, MONAI UNet 1.6M) is trained once, for ``teacher_steps``
+optimiser steps (its validation curve goes into the doc), and serves every regime. The student is the EMKD bundle's
+``network_def`` (MONAI UNet 41k). Regimes (``REGIMES``), each on one dataset written once (``python -m medkd prepare
+demo --unlabelled 32``: the 8 labelled training subjects of the default demo, byte-identical, plus 32 subjects without
+labels):
+
+- ``a``: labelled only, 360 steps (30 epochs of 12 batches of 16);
+- ``b``: labelled only, long: 1800 steps (150 epochs);
+- ``c``: 8 labelled + 32 unlabelled subjects (``recipes/unlabelled.json``: batches of 8 labelled + 8 unlabelled
+  slices), 384 steps;
+- ``d``: label-free (``recipes/label_free.json`` over the 40 subjects' images, no label read), 360 steps.
+
+Recipes (``RECIPES``): the no-KD control (the supervised bundle training the same student on the labelled slices for
+the *same number of optimiser steps* as the regime's KD runs: an epoch over 40 subjects is 5x one over 8, so every
+schedule is set in steps and the epochs follow from each run's data), logits KD at T 1 and T 4, DIST, soft-label Dice
+and EMKD (the bundle's default). Every run uses the same cosine learning-rate schedule stepped per iteration over its
+steps (``lr_scheduler#T_max`` = steps, the scheduler handler at iteration level), the bundles' optimiser, batch size
+and augmentation; the number of steps each run really made is read from its log and checked.
+
+Offline KD: recipes that read only the teacher's logits are served from a teacher cache, one per (teacher, regime
+data) under ``<out>/cache_<regime>``, with as many recorded views as the run has epochs (at most ``max_views``; the
+views then cycle), built once and reused across recipes and seeds; recipes that read teacher features (EMKD) run the
+live teacher.
+
+Resumable and incremental: every finished run (test Dice per class, steps, wall time, first-iteration loss values) is
+written at once into ``docs/results.json``, and ``docs/results.md`` and its chart are regenerated from it; a run listed
+there is never redone, and an interrupted run resumes from its own ``train_state.pt`` (``resume`` on). With
+``--commit True`` the three docs files (only those) are committed after every finished regime and seed. A later session
+continues the study with the same ``run`` command (models live under ``--out``; a missing teacher is retrained, with
+the same seed and schedule, and its checkpoint hash is compared with the one recorded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_recipes import cache_taps, chart  # noqa: E402  (the same chart and tap collection as compare_recipes)
+
+from medkd.data.demo import LABELS  # noqa: E402
+from medkd.demo import _run_bundle, _summary, bundles_dir, first_iteration_scalars  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+SUPERVISED = "supervised_segmentation"
+KD_BUNDLE = "emkd_segmentation"
+BATCH = 16
+UNLABELLED_SUBJECTS = 32
+
+REGIMES: dict[str, dict] = {
+    "a": {"title": "(a) labelled only, 30 epochs", "data": [], "kind": "labelled", "steps": 360},
+    "b": {"title": "(b) labelled only, long (150 epochs)", "data": [], "kind": "labelled", "steps": 1800},
+    "c": {"title": "(c) 8 labelled + 32 unlabelled subjects", "data": ["recipes/unlabelled.json"], "kind": "unlabelled",
+          "steps": 384},
+    "d": {"title": "(d) label-free: 0 labels, 40 unlabelled subjects", "data": ["recipes/label_free.json"],
+          "kind": "label_free", "steps": 360, "overrides": {"label_free_lists": ["training", "unlabeled"]}},
+}
+RECIPES: dict[str, str | None] = {
+    "no KD": None,
+    "logits KD T 1": "recipes/kd_logits_t1.json",
+    "logits KD T 4": "recipes/kd_logits.json",
+    "DIST": "recipes/kd_dist.json",
+    "soft-label Dice": "recipes/kd_soft_dice.json",
+    "EMKD": "default",
+}
+ITER_LINE = re.compile(r"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+) --")
+VAL_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- .*val_mean_dice: ([0-9.]+)")
+
+
+def _list(value) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def steps_per_epoch(kind: str, labelled: int, unlabelled: int, batch: int = BATCH) -> int:
+    """Optimiser steps in one epoch of a regime's KD runs (``kind``) over ``labelled`` + ``unlabelled`` slices.
+
+    ``labelled``: ``ceil(labelled / batch)``; ``unlabelled`` (``recipes/unlabelled.json``: items are (labelled,
+    unlabelled) pairs, as many as the larger set, ``batch // 2`` pairs a batch): ``ceil(max(l, u) / (batch // 2))``;
+    ``label_free`` (every image, labels dropped): ``ceil((l + u) / batch)``.
+    """
+    if kind == "labelled":
+        return math.ceil(labelled / batch)
+    if kind == "unlabelled":
+        return math.ceil(max(labelled, unlabelled) / max(1, batch // 2))
+    if kind == "label_free":
+        return math.ceil((labelled + unlabelled) / batch)
+    raise ValueError(f"unknown regime kind {kind!r}")
+
+
+def epochs_for(steps: int, per_epoch: int, what: str) -> int:
+    """The number of epochs that makes exactly ``steps`` optimiser steps (an error if ``per_epoch`` does not divide it)."""
+    if steps % per_epoch:
+        raise ValueError(f"{what}: {steps} steps is not a whole number of epochs of {per_epoch} steps; "
+                         "choose a multiple of both the control's and the KD runs' steps per epoch")
+    return steps // per_epoch
+
+
+def logged_steps(log: Path) -> int:
+    """Optimiser steps a training log shows: epochs x iterations per epoch of its StatsHandler lines."""
+    epochs = per_epoch = None
+    for line in Path(log).read_text().splitlines():
+        m = ITER_LINE.search(line)
+        if m:
+            epochs, per_epoch = int(m.group(2)), int(m.group(4))
+    if epochs is None:
+        raise ValueError(f"no iteration line in {log}")
+    return epochs * per_epoch
+
+
+def validation_curve(log: Path) -> list[tuple[int, float]]:
+    """``(epoch, val_mean_dice)`` of every validation in a training log (a resumed log: the last value per epoch)."""
+    curve: dict[int, float] = {}
+    for line in Path(log).read_text().splitlines():
+        m = VAL_LINE.search(line)
+        if m:
+            curve[int(m.group(1))] = float(m.group(2))
+    return sorted(curve.items())
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Study:
+    """State of one study: the run folder ``out`` (models, logs, caches) and the committed ``docs/results.json``."""
+
+    def __init__(self, out: str = "results/kd_study", data_dir: str = "data/demo2d_unl32", teacher_steps: int = 1800,
+                 max_views: int = 30, doc: str | None = None, steps: dict | None = None):
+        self.out = Path(out).resolve()
+        self.logs = self.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.data_dir = Path(data_dir).resolve()
+        self.teacher_steps = int(teacher_steps)
+        self.max_views = int(max_views)
+        self.doc = Path(doc) if doc else DOCS / "results.md"
+        self.json_path = self.doc.with_suffix(".json")
+        self.state = json.loads(self.json_path.read_text()) if self.json_path.is_file() else {}
+        self.state.setdefault("runs", {})
+        self.steps = {r: int((steps or {}).get(r, spec["steps"])) for r, spec in REGIMES.items()}
+
+    # ----------------------------------------------------------------------------------------------- data, teacher
+    def datalist(self) -> Path:
+        from medkd.data.demo import prepare_demo
+
+        path = self.data_dir / "datalist.json"
+        if path.is_file():
+            if json.loads(path.read_text()).get("unlabeled"):  # e.g. the demo with --unlabelled 32 (or a test's)
+                return path
+            raise ValueError(f"{path} has no 'unlabeled' list: remove {self.data_dir} (the study writes it with "
+                             f"{UNLABELLED_SUBJECTS} unlabelled subjects) or pass another --data_dir")
+        print(f"[data] writing the demo data with {UNLABELLED_SUBJECTS} unlabelled subjects to {self.data_dir}", flush=True)
+        return Path(prepare_demo(self.data_dir, subjects=12, seed=0, dims=2, unlabelled=UNLABELLED_SUBJECTS))
+
+    def counts(self) -> tuple[int, int]:
+        lists = json.loads(self.datalist().read_text())
+        return len(lists["training"]), len(lists.get("unlabeled", []))
+
+    def save(self) -> None:
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.json_path)
+
+    def teacher(self) -> Path:
+        """Train (once) and evaluate the teacher; its checkpoint path."""
+        labelled, _ = self.counts()
+        per_epoch = steps_per_epoch("labelled", labelled, 0)
+        epochs = epochs_for(self.teacher_steps, per_epoch, "teacher")
+        ckpt_dir = self.out / "teacher"
+        ckpt = ckpt_dir / "model.pt"
+        log = self.logs / "train_teacher.log"
+        if not (ckpt_dir / "done").is_file():
+            seconds = _run_bundle("train_teacher", SUPERVISED, ["train.json"],
+                                  {"dataset_dir": self.data_dir, "epochs": epochs, "val_interval": 5, "seed": 0,
+                                   "num_workers": 0, "resume": True, "ckpt_dir": ckpt_dir, "output_dir": ckpt_dir / "eval"},
+                                  self.logs)
+            (ckpt_dir / "done").write_text(f"{seconds:.1f}\n")
+        info = self.state.get("teacher", {})
+        sha = _sha256(ckpt)
+        if info.get("sha256") and info["sha256"] != sha:
+            print(f"[teacher] WARNING: the retrained teacher differs from the recorded one (sha256 {sha[:12]} vs "
+                  f"{info['sha256'][:12]}); runs recorded with the old teacher are kept", flush=True)
+        if info.get("sha256") != sha or "dice" not in info:
+            test = self.evaluate("teacher", {})
+            info = {"sha256": sha, "steps": logged_steps(log), "epochs": epochs, "dice": test,
+                    "validation_curve": validation_curve(log),
+                    "seconds": float((ckpt_dir / "done").read_text())}
+            self.state["teacher"] = info
+            self.save()
+        return ckpt
+
+    def evaluate(self, key: str, overrides: dict) -> dict[str, float]:
+        test_dir = self.out / key / "test"
+        if not (test_dir / "val_mean_dice_summary.csv").is_file():
+            _run_bundle(f"evaluate_{key.replace('/', '_')}", SUPERVISED, ["train.json", "evaluate.json"],
+                        {"dataset_dir": self.data_dir, "num_workers": 0, "ckpt_dir": self.out / key,
+                         "output_dir": test_dir, **overrides}, self.logs)
+        return _summary(test_dir, "val_mean_dice")
+
+    # ----------------------------------------------------------------------------------------------- runs
+    def teacher_cache(self, regime: str, spec: dict, teacher_ckpt: Path, epochs: int) -> Path:
+        """The regime's teacher cache (logits only), built once: ``min(epochs, max_views)`` views of every item."""
+        cache_dir = self.out / f"cache_{regime}"
+        if not (cache_dir / "complete").is_file():
+            kd = bundles_dir() / KD_BUNDLE / "configs"
+            offline = [str(kd / r) for r in RECIPES.values() if r and r != "default"]
+            taps = cache_taps(KD_BUNDLE, [[p] for p in offline])
+            _run_bundle(f"cache_teacher_{regime}", KD_BUNDLE, ["train.json", *spec["data"], "recipes/kd_logits.json",
+                                                                "cache_teacher.json"],
+                        {"dataset_dir": self.data_dir, "num_workers": 0, "ckpt_dir": self.out / f"cache_{regime}_run",
+                         "cache_dir": cache_dir, "cache_views": min(epochs, self.max_views), "teacher_ckpt": teacher_ckpt,
+                         "cache_taps": taps, "seed": 0, **spec.get("overrides", {})}, self.logs)
+            (cache_dir / "complete").write_text("built by tools/kd_study.py\n")
+        return cache_dir
+
+    def run_one(self, regime: str, recipe: str, seed: int, teacher_ckpt: Path, offline: bool, commit: bool) -> None:
+        key = f"{regime}/{recipe}/seed{seed}"
+        if key in self.state["runs"]:
+            return
+        spec = REGIMES[regime]
+        labelled, unlabelled = self.counts()
+        steps = self.steps[regime]
+        folder = f"{regime}/{recipe.replace(' ', '_')}/seed{seed}"
+        student_def = f"%{bundles_dir() / KD_BUNDLE / 'configs' / 'train.json'}#network_def"
+        schedule = {"lr_scheduler#T_max": steps, "train#handlers#0#epoch_level": False}
+        dirs = {"ckpt_dir": self.out / folder, "output_dir": self.out / folder / "eval"}
+        base = {"dataset_dir": self.data_dir, "num_workers": 0, "resume": True, "seed": seed, **schedule, **dirs}
+        path = RECIPES[recipe]
+        if path is None:  # the no-KD control: the same student, labelled slices, the same number of steps
+            epochs = epochs_for(steps, steps_per_epoch("labelled", labelled, 0), f"regime {regime} control")
+            bundle, configs, overrides = SUPERVISED, ["train.json"], {"network_def": student_def}
+        else:
+            epochs = epochs_for(steps, steps_per_epoch(spec["kind"], labelled, unlabelled), f"regime {regime} KD runs")
+            configs = ["train.json", *spec["data"], *([] if path == "default" else [path])]
+            bundle, overrides = KD_BUNDLE, {"teacher_ckpt": teacher_ckpt, **spec.get("overrides", {})}
+            reads_taps = bool(cache_taps(KD_BUNDLE, [[str(bundles_dir() / KD_BUNDLE / 'configs' / path)]]
+                                         if path != "default" else [[]]))
+            if offline and not reads_taps:
+                overrides["teacher_cache"] = self.teacher_cache(regime, spec, teacher_ckpt, epochs)
+        val_interval = max(1, epochs // 10)
+        name = f"train_{folder.replace('/', '_')}"
+        start = time.time()
+        _run_bundle(name, bundle, configs, {**base, **overrides, "epochs": epochs, "val_interval": val_interval}, self.logs)
+        seconds = time.time() - start
+        made = logged_steps(self.logs / f"{name}.log")
+        if made != steps:
+            raise RuntimeError(f"{key}: the log shows {made} optimiser steps, the regime asks for {steps}")
+        dice = self.evaluate(folder, {"network_def": student_def})
+        first = first_iteration_scalars(self.logs / f"{name}.log") if path is not None else {}
+        self.state["runs"][key] = {"dice": dice, "steps": made, "epochs": epochs, "seconds": round(seconds, 1),
+                                   "offline": "teacher_cache" in overrides, "first_iteration": first}
+        self.save()
+        self.report()
+        if commit and all(f"{regime}/{r}/seed{seed}" in self.state["runs"] for r in RECIPES):
+            self.commit(f"docs/results: KD study regime {regime}, seed {seed} done ({self.status()})")
+
+    # ----------------------------------------------------------------------------------------------- report
+    def status(self) -> str:
+        seeds = self.state.get("seeds", [0, 1, 2])
+        done, pending = [], []
+        for regime in REGIMES:
+            n = sum(f"{regime}/{r}/seed{s}" in self.state["runs"] for r in RECIPES for s in seeds)
+            (done if n == len(RECIPES) * len(seeds) else pending).append(f"({regime})" + ("" if n in (0, len(RECIPES) * len(seeds)) else f" {n}/{len(RECIPES) * len(seeds)} runs"))
+        return f"regimes {', '.join(done) or 'none'} done; {', '.join(pending) or 'none'} pending"
+
+    def commit(self, message: str) -> None:
+        paths = [str(p.relative_to(REPO)) for p in (self.doc, self.json_path, self.doc.with_suffix(".png"))]
+        for attempt in range(10):
+            if not (REPO / ".git" / "index.lock").exists():
+                subprocess.run(["git", "add", *paths], cwd=REPO, check=False)
+                if subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=REPO).returncode == 0:
+                    return
+            time.sleep(5)
+        print(f"[commit] could not commit {paths}", flush=True)
+
+    def report(self) -> Path:
+        """Write ``docs/results.md`` and ``docs/results.png`` from ``docs/results.json``."""
+        labels = {f"class{int(k) - 1}": v for k, v in LABELS.items() if k != "0"}
+        runs, seeds = self.state["runs"], self.state.get("seeds", [0, 1, 2])
+        teacher = self.state.get("teacher")
+        cost = self.state.get("cost", {})
+
+        def values(regime: str, recipe: str, key: str = "mean") -> list[float]:
+            return [runs[f"{regime}/{recipe}/seed{s}"]["dice"][key] for s in seeds if f"{regime}/{recipe}/seed{s}" in runs]
+
+        def fmt(v: list[float]) -> str:
+            if not v:
+                return "pending"
+            return f"{statistics.fmean(v):.4f} ± {statistics.stdev(v):.4f}" if len(v) > 1 else f"{v[0]:.4f} (1 seed)"
+
+        lines = ["# Where KD pays on the demo data: regimes × recipes × 3 seeds", "",
+                 f"Status: {self.status()}. Regenerate (2 CPU cores; every run a few minutes, the matrix in parts):", "",
+                 "```bash", "python tools/kd_study.py run --parts c,d,a,b --seeds 0,1,2   # resumable; skips finished runs",
+                 "python tools/kd_study.py report                                 # this page from docs/results.json",
+                 "```", "",
+                 "Setup: teacher MONAI UNet 16-32-64-128-256 with 2 residual units (the supervised bundle's default), trained "
+                 "once (seed 0) on the 8 labelled training subjects; student MONAI UNet 8-16-32-64 (the EMKD bundle's "
+                 "`network_def`). Data: the demo's 12 subjects (8 training, 2 validation, 2 test; 24 axial slices each) plus "
+                 f"{UNLABELLED_SUBJECTS} subjects without labels (`python -m medkd prepare demo --unlabelled 32`). Every schedule "
+                 "is counted in optimiser steps: the no-KD control trains the same student on the labelled slices for "
+                 "exactly as many steps as the regime's KD runs (cosine learning rate stepped per iteration over those "
+                 "steps, Adam 3e-3, batch 16, the bundles' augmentation). Test Dice on the 48 slices of the 2 held-out "
+                 "subjects, best validation checkpoint; mean ± sample std over the seeds; Δ = KD − control, in units of "
+                 "the pooled seed std sqrt((s_KD² + s_control²)/2). KD recipes reading only teacher logits are served "
+                 "from a teacher cache (one per regime's data, views = epochs up to 30), EMKD runs its teacher live.", ""]
+        if teacher:
+            t = teacher["dice"]
+            curve = teacher.get("validation_curve", [])
+            lines += [f"**Teacher**: {teacher['steps']} steps ({teacher['epochs']} epochs), test Dice "
+                      + ", ".join(f"{labels[k]} {t[k]:.4f}" for k in labels) + f", mean **{t['mean']:.4f}**; "
+                      f"trained in {teacher['seconds']:.0f} s. Validation curve (epoch: mean Dice): "
+                      + ", ".join(f"{e}: {d:.3f}" for e, d in curve) + ".", ""]
+        if cost:
+            lines += [f"**Cost**: student {cost['student_params'] / 1e3:.1f}k / teacher {cost['teacher_params'] / 1e3:.1f}k "
+                      f"parameters (ratio {cost['student_params'] / cost['teacher_params']:.3f}); CPU latency per 96×112 "
+                      f"slice, 1 thread, {cost['student_ms']:.2f} ms / {cost['teacher_ms']:.2f} ms (ratio "
+                      f"{cost['student_ms'] / cost['teacher_ms']:.3f}; {cost.get('note', '')}).", ""]
+        bars, findings = [], []
+        for regime, spec in REGIMES.items():
+            control = values(regime, "no KD")
+            lines += [f"## {spec['title']}: {self.steps[regime]} steps", "",
+                      "| recipe | " + " | ".join(f"Dice {labels[k]}" for k in labels)
+                      + " | mean Dice | Δ vs control | Δ / pooled std | seeds | s / run |",
+                      "|---|" + "---|" * (len(labels) + 5)]
+            for recipe in RECIPES:
+                mean = values(regime, recipe)
+                delta = ratio = "–"
+                if recipe != "no KD" and len(mean) > 1 and len(control) > 1:
+                    d = statistics.fmean(mean) - statistics.fmean(control)
+                    pooled = math.sqrt((statistics.stdev(mean) ** 2 + statistics.stdev(control) ** 2) / 2)
+                    delta, ratio = f"{d:+.4f}", f"{d / pooled:+.1f}" if pooled > 0 else "–"
+                    if len(mean) == len(seeds) and len(control) == len(seeds):
+                        findings.append((regime, recipe, d, pooled))
+                secs = [runs[f"{regime}/{recipe}/seed{s}"]["seconds"] for s in seeds if f"{regime}/{recipe}/seed{s}" in runs]
+                name = recipe if recipe != "no KD" else "no KD (control, labelled slices)"
+                lines.append(f"| {name} | " + " | ".join(fmt(values(regime, recipe, k)) for k in labels)
+                             + f" | **{fmt(mean)}** | {delta} | {ratio} | {len(mean)} | "
+                             + (f"{statistics.fmean(secs):.0f}" if secs else "–") + " |")
+                if mean:
+                    bars.append((f"({regime}) {recipe}", statistics.fmean(mean),
+                                 statistics.stdev(mean) if len(mean) > 1 else 0.0))
+            lines.append("")
+        lines += ["## Findings (computed from the tables)", ""]
+        wins = [f for f in findings if f[2] > 2 * f[3]]
+        if findings:
+            lines += [f"- ({r}) {n}: Δ {d:+.4f} (pooled std {p:.4f}) — " + ("**beats its same-steps control by more than 2 "
+                      "pooled std**" if d > 2 * p else "within 2 pooled std" if abs(d) <= 2 * p else "worse than the control")
+                      for r, n, d, p in findings]
+            lines += ["", f"{len(wins)} of {len(findings)} complete (regime, recipe) pairs beat their control by more than "
+                      "twice the pooled seed std."]
+        else:
+            lines.append("- no regime has all seeds of a recipe and its control yet.")
+        free = {r: values("d", r) for r in RECIPES if r != "no KD"}
+        free = {r: v for r, v in free.items() if len(v) == len(seeds)}
+        if free and len(values("d", "no KD")) == len(seeds):
+            best = max(free, key=lambda r: statistics.fmean(free[r]))
+            gap = statistics.fmean(values("d", "no KD")) - statistics.fmean(free[best])
+            lines += ["", f"Label-free: the best label-free student ({best}, {statistics.fmean(free[best]):.4f}) is "
+                      f"{100 * gap:.1f} Dice points below the supervised student with labels; the goal was within 3 points: "
+                      + ("met." if gap <= 0.03 else "not met.")]
+        lines += ["", "![mean test Dice per regime and recipe, ± std over seeds](results.png)", ""]
+        self.doc.write_text("\n".join(lines))
+        if bars:
+            chart(bars, self.doc.with_suffix(".png"), "KD study: mean test Dice (± std over seeds)")
+        return self.doc
+
+    def measure_cost(self) -> None:
+        """Parameters and single-thread CPU latency (median of 50 forwards of one 96x112 slice) of student and teacher."""
+        import torch
+
+        from medkd.demo import _network
+
+        torch.set_num_threads(1)
+        nets = {"student": _network(KD_BUNDLE), "teacher": _network(SUPERVISED)}
+        cost = {}
+        x = torch.randn(1, 1, 96, 112)
+        for name, net in nets.items():
+            net.eval()
+            cost[f"{name}_params"] = sum(p.numel() for p in net.parameters())
+            times = []
+            with torch.no_grad():
+                for i in range(60):
+                    t0 = time.perf_counter()
+                    net(x)
+                    if i >= 10:
+                        times.append(1e3 * (time.perf_counter() - t0))
+            cost[f"{name}_ms"] = statistics.median(times)
+        load = os.getloadavg()[0]
+        cost["note"] = f"measured with a 1-minute load average of {load:.1f} on {os.cpu_count()} cores" + (
+            ": under contention, the ratio is indicative, not the absolute times" if load > 1.5 else "")
+        self.state["cost"] = cost
+        self.save()
+
+
+def run(parts: str | tuple = "c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
+        data_dir: str = "data/demo2d_unl32", teacher_steps: int = 1800, offline: bool = True, commit: bool = False,
+        max_views: int = 30, doc: str | None = None, steps: dict | None = None) -> None:
+    """Run (or continue) the study; see the module docstring. ``doc``: the Markdown file to write (default
+    ``docs/results.md``; its ``.json`` and ``.png`` beside it); ``steps``: ``{regime: steps}`` overriding ``REGIMES``
+    (tests)."""
+    study = Study(out, data_dir, teacher_steps, max_views, doc, steps)
+    seed_list = [int(s) for s in _list(seeds)]
+    study.state["seeds"] = sorted(set(study.state.get("seeds", [])) | set(seed_list))
+    for part in _list(parts):
+        if part not in REGIMES:
+            raise ValueError(f"unknown part {part!r}; the regimes are {sorted(REGIMES)}")
+    teacher_ckpt = study.teacher()
+    if "cost" not in study.state:
+        study.measure_cost()
+    study.report()
+    for part in _list(parts):
+        for seed in seed_list:
+            for recipe in RECIPES:
+                study.run_one(part, recipe, seed, teacher_ckpt, offline, commit)
+    study.report()
+    if commit:
+        study.commit(f"docs/results: KD study ({study.status()})")
+
+
+def report(out: str = "results/kd_study", doc: str | None = None) -> None:
+    """Regenerate ``docs/results.md`` (or ``doc``) and its chart from the JSON beside it."""
+    print(Study(out, doc=doc).report())
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "report": report})
