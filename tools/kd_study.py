@@ -135,6 +135,14 @@ def validation_curve(log: Path) -> list[tuple[int, float]]:
     return sorted(curve.items())
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return pid > 0
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -155,6 +163,7 @@ class Study:
         self.state = json.loads(self.json_path.read_text()) if self.json_path.is_file() else {}
         self.state.setdefault("runs", {})
         self.steps = {r: int((steps or {}).get(r, spec["steps"])) for r, spec in REGIMES.items()}
+        self.controls_only = False
 
     # ----------------------------------------------------------------------------------------------- data, teacher
     def datalist(self) -> Path:
@@ -174,9 +183,19 @@ class Study:
         return len(lists["training"]), len(lists.get("unlabeled", []))
 
     def save(self) -> None:
-        tmp = self.json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.json_path)
+        """Write the state, merged with what another process of the study wrote meanwhile (under a file lock)."""
+        import fcntl
+
+        with open(self.json_path.with_suffix(".json.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.json_path.is_file():
+                stored = json.loads(self.json_path.read_text())
+                self.state["runs"] = {**stored.get("runs", {}), **self.state["runs"]}
+                for key, value in stored.items():
+                    self.state.setdefault(key, value)
+            tmp = self.json_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, self.json_path)
 
     def teacher(self) -> Path:
         """Train (once) and evaluate the teacher; its checkpoint path."""
@@ -187,6 +206,8 @@ class Study:
         ckpt = ckpt_dir / "model.pt"
         log = self.logs / "train_teacher.log"
         if not (ckpt_dir / "done").is_file():
+            if log.is_file():  # an interrupted training resumes: keep the earlier part of its log (validation curve)
+                log.rename(log.with_suffix(f".{len(list(self.logs.glob('train_teacher.*.log')))}.log"))
             seconds = _run_bundle("train_teacher", SUPERVISED, ["train.json"],
                                   {"dataset_dir": self.data_dir, "epochs": epochs, "val_interval": 5, "seed": 0,
                                    "num_workers": 0, "resume": True, "ckpt_dir": ckpt_dir, "output_dir": ckpt_dir / "eval"},
@@ -200,7 +221,9 @@ class Study:
         if info.get("sha256") != sha or "dice" not in info:
             test = self.evaluate("teacher", {})
             info = {"sha256": sha, "steps": logged_steps(log), "epochs": epochs, "dice": test,
-                    "validation_curve": validation_curve(log),
+                    "validation_curve": sorted(dict(
+                        point for part in [*sorted(self.logs.glob("train_teacher.*.log")), log]
+                        for point in validation_curve(part)).items()),
                     "seconds": float((ckpt_dir / "done").read_text())}
             self.state["teacher"] = info
             self.save()
@@ -232,12 +255,22 @@ class Study:
 
     def run_one(self, regime: str, recipe: str, seed: int, teacher_ckpt: Path, offline: bool, commit: bool) -> None:
         key = f"{regime}/{recipe}/seed{seed}"
+        if self.json_path.is_file():  # runs another process of the study finished meanwhile
+            self.state["runs"] = {**json.loads(self.json_path.read_text()).get("runs", {}), **self.state["runs"]}
         if key in self.state["runs"]:
             return
         spec = REGIMES[regime]
         labelled, unlabelled = self.counts()
         steps = self.steps[regime]
         folder = f"{regime}/{recipe.replace(' ', '_')}/seed{seed}"
+        if RECIPES[recipe] is None:  # the control depends on the steps alone: one run serves every regime with them
+            folder = f"control_{steps}_steps/seed{seed}"
+            twin = next((k for r in REGIMES if self.steps[r] == steps and r != regime
+                         for k in [f"{r}/{recipe}/seed{seed}"] if k in self.state["runs"]), None)
+            if twin:
+                self.state["runs"][key] = {**self.state["runs"][twin], "same_run_as": twin}
+                self.save()
+                return
         student_def = f"%{bundles_dir() / KD_BUNDLE / 'configs' / 'train.json'}#network_def"
         schedule = {"lr_scheduler#T_max": steps, "train#handlers#0#epoch_level": False}
         dirs = {"ckpt_dir": self.out / folder, "output_dir": self.out / folder / "eval"}
@@ -256,8 +289,18 @@ class Study:
                 overrides["teacher_cache"] = self.teacher_cache(regime, spec, teacher_ckpt, epochs)
         val_interval = max(1, epochs // 10)
         name = f"train_{folder.replace('/', '_')}"
+        busy = self.out / folder / "running.pid"
+        if busy.is_file() and _alive(int(busy.read_text() or 0)):
+            print(f"[{key}] another process of the study is training {folder}; skipped (rerun to collect it)", flush=True)
+            return
+        busy.parent.mkdir(parents=True, exist_ok=True)
+        busy.write_text(str(os.getpid()))
         start = time.time()
-        _run_bundle(name, bundle, configs, {**base, **overrides, "epochs": epochs, "val_interval": val_interval}, self.logs)
+        try:
+            _run_bundle(name, bundle, configs, {**base, **overrides, "epochs": epochs, "val_interval": val_interval},
+                        self.logs)
+        finally:
+            busy.unlink(missing_ok=True)
         seconds = time.time() - start
         made = logged_steps(self.logs / f"{name}.log")
         if made != steps:
@@ -268,7 +311,7 @@ class Study:
                                    "offline": "teacher_cache" in overrides, "first_iteration": first}
         self.save()
         self.report()
-        if commit and all(f"{regime}/{r}/seed{seed}" in self.state["runs"] for r in RECIPES):
+        if commit and not self.controls_only and all(f"{regime}/{r}/seed{seed}" in self.state["runs"] for r in RECIPES):
             self.commit(f"docs/results: KD study regime {regime}, seed {seed} done ({self.status()})")
 
     # ----------------------------------------------------------------------------------------------- report
@@ -411,24 +454,27 @@ class Study:
 
 def run(parts: str | tuple = "c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
         data_dir: str = "data/demo2d_unl32", teacher_steps: int = 1800, offline: bool = True, commit: bool = False,
-        max_views: int = 30, doc: str | None = None, steps: dict | None = None) -> None:
+        max_views: int = 30, doc: str | None = None, steps: dict | None = None, controls_only: bool = False) -> None:
     """Run (or continue) the study; see the module docstring. ``doc``: the Markdown file to write (default
     ``docs/results.md``; its ``.json`` and ``.png`` beside it); ``steps``: ``{regime: steps}`` overriding ``REGIMES``
-    (tests)."""
+    (tests); ``controls_only``: run the no-KD controls alone (they need no teacher; a second process can run them
+    while the first trains the teacher: both merge their runs into the same JSON)."""
     study = Study(out, data_dir, teacher_steps, max_views, doc, steps)
+    study.controls_only = controls_only
     seed_list = [int(s) for s in _list(seeds)]
     study.state["seeds"] = sorted(set(study.state.get("seeds", [])) | set(seed_list))
     for part in _list(parts):
         if part not in REGIMES:
             raise ValueError(f"unknown part {part!r}; the regimes are {sorted(REGIMES)}")
-    teacher_ckpt = study.teacher()
-    if "cost" not in study.state:
+    teacher_ckpt = None if controls_only else study.teacher()
+    if "cost" not in study.state and not controls_only:
         study.measure_cost()
     study.report()
     for part in _list(parts):
         for seed in seed_list:
             for recipe in RECIPES:
-                study.run_one(part, recipe, seed, teacher_ckpt, offline, commit)
+                if RECIPES[recipe] is None or not controls_only:
+                    study.run_one(part, recipe, seed, teacher_ckpt, offline, commit)
     study.report()
     if commit:
         study.commit(f"docs/results: KD study ({study.status()})")
