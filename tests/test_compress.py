@@ -232,3 +232,20 @@ def test_width_preset_of_a_torchscript_teacher_is_a_clear_error(tmp_path):
                                          r"a TorchScript teacher"):
         student_definition(teacher, "half")
     assert student_definition(teacher, "ENet")["_target_"] == "medkd.networks.ENet"  # a named student still works
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
+    from medkd.compress import _run
+
+    folder = tmp_path / "work" / "student"
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"")
+    settings = {"configs": ["train.json", "recipes/kd_logits.json"], "overrides": {"epochs": "20", "seed": "0"}}
+    (folder / "done.json").write_text(json.dumps({"seconds": 1.0, "settings": settings}))
+    # the same settings: skipped (no bundle run starts), the finished model returned
+    assert _run("student", "emkd_segmentation", settings["configs"], {"epochs": 20, "seed": 0}, tmp_path / "work") \
+        == folder / "model.pt"
+    with pytest.raises(ValueError, match=r"finished 'student' run with other settings \(--epochs: 20 then, 50 now\)"):
+        _run("student", "emkd_segmentation", settings["configs"], {"epochs": 50, "seed": 0}, tmp_path / "work")
+    with pytest.raises(ValueError, match=r"configs \['train.json', 'recipes/kd_logits.json'\] then"):
+        _run("student", "emkd_segmentation", ["train.json"], {"epochs": 20, "seed": 0}, tmp_path / "work")

@@ -420,12 +420,26 @@ def training_overrides(teacher: BundleTeacher, pipeline: dict, student: dict, ro
 
 
 def _run(name: str, bundle: str, configs: list[str], overrides: dict, work: Path) -> Path:
-    """One ``python -m monai.bundle run`` into ``work/<name>`` (skipped when its ``done.json`` exists)."""
+    """One ``python -m monai.bundle run`` into ``work/<name>``, skipped when its ``done.json`` records the same configs
+    and overrides (a finished run with other settings is refused, naming the first difference).
+
+    Raises:
+        ValueError: ``work/<name>`` holds a finished run with other settings.
+    """
     from medkd.demo import _run_bundle
 
     folder = work / name
     done = folder / "done.json"
+    settings = {"configs": [str(c) for c in configs], "overrides": {k: str(v) for k, v in sorted(overrides.items())}}
     if done.is_file():
+        earlier = json.loads(done.read_text()).get("settings", settings)  # files of the first version lack settings
+        if earlier != settings:
+            keys = sorted(set(earlier["overrides"]) | set(settings["overrides"]))
+            diff = next((f"--{k}: {earlier['overrides'].get(k)} then, {settings['overrides'].get(k)} now" for k in keys
+                         if earlier["overrides"].get(k) != settings["overrides"].get(k)),
+                        f"configs {earlier['configs']} then, {settings['configs']} now")
+            raise ValueError(f"{folder} holds a finished '{name}' run with other settings ({diff}); rerun with the "
+                             f"same settings, another --out, or delete {folder} to train again")
         print(f"[{name}] done earlier ({folder})", flush=True)
         return folder / "model.pt"
     folder.mkdir(parents=True, exist_ok=True)
@@ -434,7 +448,7 @@ def _run(name: str, bundle: str, configs: list[str], overrides: dict, work: Path
     if not (folder / "model.pt").is_file():
         raise RuntimeError(f"[{name}] finished without {folder / 'model.pt'}: no validation ran (increase --epochs "
                            "or lower val_interval)")
-    done.write_text(json.dumps({"seconds": seconds}))
+    done.write_text(json.dumps({"seconds": seconds, "settings": settings}))
     return folder / "model.pt"
 
 
