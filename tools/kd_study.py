@@ -151,7 +151,7 @@ class Study:
     """State of one study: the run folder ``out`` (models, logs, caches) and the committed ``docs/results.json``."""
 
     def __init__(self, out: str = "results/kd_study", data_dir: str = "data/demo2d_unl32", teacher_steps: int = 1800,
-                 max_views: int = 30, doc: str | None = None, steps: dict | None = None):
+                 max_views: int = 150, doc: str | None = None, steps: dict | None = None):
         self.out = Path(out).resolve()
         self.logs = self.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -320,7 +320,8 @@ class Study:
         done, pending = [], []
         for regime in REGIMES:
             n = sum(f"{regime}/{r}/seed{s}" in self.state["runs"] for r in RECIPES for s in seeds)
-            (done if n == len(RECIPES) * len(seeds) else pending).append(f"({regime})" + ("" if n in (0, len(RECIPES) * len(seeds)) else f" {n}/{len(RECIPES) * len(seeds)} runs"))
+            total = len(RECIPES) * len(seeds)
+            (done if n == total else pending).append(f"({regime})" + ("" if n in (0, total) else f" ({n} of {total} runs done)"))
         return f"regimes {', '.join(done) or 'none'} done; {', '.join(pending) or 'none'} pending"
 
     def commit(self, message: str) -> None:
@@ -362,7 +363,7 @@ class Study:
                  "steps, Adam 3e-3, batch 16, the bundles' augmentation). Test Dice on the 48 slices of the 2 held-out "
                  "subjects, best validation checkpoint; mean ± sample std over the seeds; Δ = KD − control, in units of "
                  "the pooled seed std sqrt((s_KD² + s_control²)/2). KD recipes reading only teacher logits are served "
-                 "from a teacher cache (one per regime's data, views = epochs up to 30), EMKD runs its teacher live.", ""]
+                 "from a teacher cache (one per regime's data, views = epochs, so every epoch sees fresh augmented views as the control does), EMKD runs its teacher live.", ""]
         if teacher:
             t = teacher["dice"]
             curve = teacher.get("validation_curve", [])
@@ -454,7 +455,7 @@ class Study:
 
 def run(parts: str | tuple = "c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
         data_dir: str = "data/demo2d_unl32", teacher_steps: int = 1800, offline: bool = True, commit: bool = False,
-        max_views: int = 30, doc: str | None = None, steps: dict | None = None, controls_only: bool = False) -> None:
+        max_views: int = 150, doc: str | None = None, steps: dict | None = None, controls_only: bool = False) -> None:
     """Run (or continue) the study; see the module docstring. ``doc``: the Markdown file to write (default
     ``docs/results.md``; its ``.json`` and ``.png`` beside it); ``steps``: ``{regime: steps}`` overriding ``REGIMES``
     (tests); ``controls_only``: run the no-KD controls alone (they need no teacher; a second process can run them
