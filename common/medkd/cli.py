@@ -46,11 +46,16 @@ def prepare(dataset: str, out: str, src: str | None = None, **options) -> None:
     print(f"wrote {path}")
 
 
-def demo(out: str = "demo_results", epochs: int = 30, subjects: int = 12, seed: int = 0, data: str = "data/demo2d") -> None:
-    """The end-to-end demo: data -> teacher -> student baseline -> EMKD student -> evaluation table and figure."""
+def demo(out: str = "demo_results", epochs: int = 30, subjects: int = 12, seed: int = 0, data: str = "data/demo2d",
+         offline: bool = False, cache_views: int = 8) -> None:
+    """The end-to-end demo: data -> teacher -> student baseline -> EMKD student -> evaluation table and figure.
+
+    ``--offline``: the EMKD student trains from a teacher cache (``cache_views`` recorded views), built once after the
+    teacher (docs/offline_kd.md)."""
     from medkd.demo import run_demo
 
-    run_demo(Path(out), epochs=epochs, subjects=subjects, seed=seed, data_dir=Path(data))
+    run_demo(Path(out), epochs=epochs, subjects=subjects, seed=seed, data_dir=Path(data), offline=offline,
+             cache_views=cache_views)
 
 
 def _as_list(value) -> list:
