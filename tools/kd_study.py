@@ -369,7 +369,9 @@ class Study:
             curve = teacher.get("validation_curve", [])
             lines += [f"**Teacher**: {teacher['steps']} steps ({teacher['epochs']} epochs), test Dice "
                       + ", ".join(f"{labels[k]} {t[k]:.4f}" for k in labels) + f", mean **{t['mean']:.4f}**; "
-                      f"trained in {teacher['seconds']:.0f} s. Validation curve (epoch: mean Dice): "
+                      + (f"best-validation checkpoint (epoch {max(curve, key=lambda c: c[1])[0]}); " if curve else "")
+                      + f"wall time {teacher['seconds']:.0f} s (under contention; a resumed training counts its last "
+                      "part only). Validation curve (epoch: mean Dice): "
                       + ", ".join(f"{e}: {d:.3f}" for e, d in curve) + ".", ""]
         if cost:
             lines += [f"**Cost**: student {cost['student_params'] / 1e3:.1f}k / teacher {cost['teacher_params'] / 1e3:.1f}k "
