@@ -2,7 +2,7 @@
 
     python tools/benchmark_kd_step.py [--size 256] [--batch 8] [--dims 2] [--repeats 10] [--threads 2]
         [--bundle emkd_segmentation] [--recipe raunet_enet.json] [--overrides '{"teacher_def#_target_": "..."}']
-        [--modes online,offline,compiled] [--device cpu|cuda] [--amp] [--out FILE.md]
+        [--modes online,offline,compiled[,compiled_teacher]] [--device cpu|cuda] [--amp] [--out FILE.md]
 
 Builds student, teacher, task loss and KD terms from the bundle's ``configs/train.json`` (+ ``--recipe`` files from its
 ``configs/``, + ``--overrides``), so it measures exactly what the bundle trains (the teacher gets random weights saved
@@ -14,8 +14,9 @@ to a temporary checkpoint), and times, interleaved round by round on the same ba
 - ``offline``: the same step with the teacher outputs read from a real teacher cache on disk (``batch`` item files
   written by :func:`medkd.distill.build_teacher_cache`, float16, loaded and stacked every step, as the data loader
   does in training);
-- ``compiled``: the plain student step, the offline KD step and the online KD step with ``nn.Module.compile()``
-  applied to the student (and the live teacher), after warm-up rounds that include the compilation.
+- ``compiled``: the plain student step and the offline KD step with ``nn.Module.compile()`` applied to the student,
+  after warm-up rounds that include the compilation; ``compiled_teacher`` adds the online KD step with the student
+  and the live teacher compiled (compiling a big teacher takes minutes on 2 cores).
 
 It prints the medians, steps per second and the ratios (online / offline = the offline speed-up, offline / student
 step = the overhead over the floor), the cache's build time and size per item view, peak tensor memory, and with
@@ -148,18 +149,20 @@ def measure(size: int = 256, batch: int = 8, dims: int = 2, repeats: int = 10, w
         opt_c = torch.optim.Adam(off_c.trainable_parameters(), lr=1e-4)
         opt_sc = torch.optim.Adam(student_c.parameters(), lr=1e-4)
         student_c.compile()
-        live_c.teacher.network.compile()
+        if "compiled_teacher" in modes_on:
+            live_c.teacher.network.compile()
         start = time.perf_counter()
+        compiled_online = "compiled_teacher" in modes_on and "online" in modes_on
         for _ in range(2):  # compile the training graphs (forward + backward) of each compiled step
             kd_step(off_c, opt_c, cached_batch)
             student_step(student_c, opt_sc)
-            if "online" in modes_on:
+            if compiled_online:
                 kd_step(live_c, opt_c)
         sync()
         compile_s = time.perf_counter() - start
         fns["student step (no KD), compiled"] = lambda: student_step(student_c, opt_sc)
         fns["KD step, offline, compiled"] = lambda: kd_step(off_c, opt_c, cached_batch)
-        if "online" in modes_on:
+        if compiled_online:
             fns["KD step, online, compiled"] = lambda: kd_step(live_c, opt_c)
     for fn in fns.values():  # warm-up, also allocates the Adam states before memory is measured
         for _ in range(warmup):
