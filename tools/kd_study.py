@@ -363,7 +363,11 @@ class Study:
                  "steps, Adam 3e-3, batch 16, the bundles' augmentation). Test Dice on the 48 slices of the 2 held-out "
                  "subjects, best validation checkpoint; mean ± sample std over the seeds; Δ = KD − control, in units of "
                  "the pooled seed std sqrt((s_KD² + s_control²)/2). KD recipes reading only teacher logits are served "
-                 "from a teacher cache (one per regime's data, views = epochs, so every epoch sees fresh augmented views as the control does), EMKD runs its teacher live.", ""]
+                 "from a teacher cache (one per regime's data, views = epochs, so every epoch sees fresh augmented views as the control does), EMKD runs its teacher live. In (c) every KD batch holds 8 labelled + 8 unlabelled slices (`recipes/unlabelled.json`), so "
+                 "the KD runs see half as many labelled slices per step as the control; in (d) the KD runs read no label at "
+                 "all and the control is the supervised student (labels, same steps), the comparison the label-free goal "
+                 "asks for. A control depends on its steps only, so (a) and (d) share theirs (the same runs). Wall times "
+                 "were measured while other jobs shared the 2 cores: indicative only.", ""]
         if teacher:
             t = teacher["dice"]
             curve = teacher.get("validation_curve", [])
