@@ -299,7 +299,7 @@ def test_group_key_scores_each_domain_as_if_alone(protocol, tmp_path, caplog):
 def tiny2d_shift(tmp_path_factory) -> Path:
     """The strong shift of the conftest's tiny2d (same seed and arguments)."""
     out = tmp_path_factory.mktemp("tiny2d_shift")
-    prepare_demo(out, subjects=3, seed=1, dims=2, spacing=4.0, slices_per_subject=4, shift="strong")
+    prepare_demo(out, subjects=3, seed=1, dims=2, spacing=4.0, slices_per_subject=4, unlabelled=1, shift="strong")
     return out
 
 

@@ -74,12 +74,12 @@ def _cache_items(distiller, x: torch.Tensor, folder: str):
 def measure(size: int = 256, batch: int = 8, dims: int = 2, repeats: int = 10, warmup: int = 3,
          bundle: str = "emkd_segmentation", recipe: str = "", threads: int = 2, num_classes: int = 0,
          overrides: dict | None = None, modes: str = "online,offline,compiled", device: str = "cpu",
-         amp: bool = False, out: str = "", title: str = "") -> dict:
+         amp: bool = False, out: str = "", title: str = "", memory: bool = True) -> dict:
     from medkd.distill import Distiller
 
     if threads:
         torch.set_num_threads(threads)
-    modes_on = {m.strip() for m in str(modes).split(",") if m.strip()}
+    modes_on = {m.strip() for m in (modes if isinstance(modes, (list, tuple)) else str(modes).split(",")) if m.strip()}
     dev = torch.device(device)
     torch.manual_seed(0)
     overrides = dict(overrides or {})
@@ -172,7 +172,7 @@ def measure(size: int = 256, batch: int = 8, dims: int = 2, repeats: int = 10, w
         for name, fn in fns.items():
             times[name].append(median_time(fn, warmup=0, repeats=1, device=dev))
     med = {k: statistics.median(v) for k, v in times.items()}
-    peaks = {k: peak_memory(fn, dev) / 2**20 for k, fn in fns.items() if "compiled" not in k}
+    peaks = {k: peak_memory(fn, dev) / 2**20 for k, fn in fns.items() if "compiled" not in k} if memory else {}
 
     t_student = med["student step (no KD)"]
     ratios: dict[str, float] = {}
