@@ -1,7 +1,7 @@
 """``python -m medkd ...``: prepare datasets, run the demo.
 
     python -m medkd prepare demo --out DIR [--subjects 12] [--seed 0] [--dims 2|3] [--spacing 2.0]
-    python -m medkd demo [--out demo_results] [--epochs 30]
+    python -m medkd demo [--out demo_results] [--epochs 30] [--offline] [--cache_views 8]
     python -m medkd profile TARGET [TARGET ...] [--size 256,256] [--pairs T/S,...] [--out profile.md]
     python -m medkd export-bundle bundles/NAME --out DIR [--version X] [--ckpt PATH] [--teacher PATH] [--overwrite]
     python -m medkd cache-teacher bundles/NAME [--out DIR] [--recipe R.json] [--views 8] [--taps low,high] [--KEY VALUE]
