@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 from monai.data import NibabelWriter
+from monai.transforms import Spacingd
 
 __all__ = ["atomic_write_bytes", "atomic_torch_save", "load_state_dict_file", "temp_files_of", "remove_stale_temp_files",
-           "ShapeKeepingNibabelWriter"]
+           "ShapeKeepingNibabelWriter", "MetaSafeSpacingd"]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp$")
 
@@ -105,3 +106,21 @@ class ShapeKeepingNibabelWriter(NibabelWriter):
         super().set_data_array(data_array, channel_dim=channel_dim, squeeze_end_dims=False, **kwargs)
         if channel_dim is None or shape[channel_dim] == 1:
             self.data_obj = self.data_obj.reshape(spatial)
+
+
+class MetaSafeSpacingd(Spacingd):
+    """MONAI's ``Spacingd`` (same arguments, same inverse) that tolerates non-dictionary ``<key>_*`` entries.
+
+    After resampling a NIfTI image, ``Spacingd`` calls ``.update()`` on every data entry whose name starts with
+    ``"<key>_"``, assuming each is a metadata dictionary; MONAI Label's inference requests carry ``image_path`` (a
+    string), so the served bundles' ``inference.json`` failed there. This subclass sets such entries aside during the
+    call and puts them back unchanged.
+    """
+
+    def __call__(self, data, lazy: bool | None = None):
+        d = dict(data)
+        aside = {k: d.pop(k) for k in list(d) if isinstance(k, str) and any(
+            k.startswith(f"{key}_") for key in self.keys) and not isinstance(d[k], dict)}
+        out = super().__call__(d, lazy=lazy)
+        out.update(aside)
+        return out
