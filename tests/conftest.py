@@ -89,6 +89,19 @@ def teacher_2d(tiny2d, tmp_path_factory) -> Path:
     return out / "model.pt"
 
 
+def step_trainer(net, opt):
+    """An Ignite engine whose every iteration is one optimiser step of ``net`` on a fixed (1, 3) input."""
+    import torch
+    from ignite.engine import Engine
+
+    def step(engine, batch):
+        opt.zero_grad()
+        net(torch.ones(1, 3)).sum().backward()
+        opt.step()
+
+    return Engine(step)
+
+
 def error_chain(exc: BaseException) -> str:
     """Every message of an exception and its causes (MONAI wraps errors raised while instantiating configs)."""
     messages = []

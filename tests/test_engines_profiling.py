@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from conftest import step_trainer
 from ignite.engine import Engine, Events
 
 from medkd.engines import AtomicCheckpointSaver, ProgressBar, TrainingState, loss_scalars
@@ -77,19 +78,10 @@ def test_atomic_checkpoint_saver_keeps_the_best_and_resumes_its_score(tmp_path):
     assert load_state_dict_file(tmp_path / "model.pt")["weight"].flatten().tolist() == pytest.approx([0.9, 0.9])
 
 
-def _adam_trainer(net, opt):
-    def step(engine, batch):
-        opt.zero_grad()
-        net(torch.ones(1, 3)).sum().backward()
-        opt.step()
-
-    return Engine(step)
-
-
 def test_training_state_round_trip(tmp_path):
     net = nn.Linear(3, 2)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
-    trainer = _adam_trainer(net, opt)
+    trainer = step_trainer(net, opt)
     TrainingState(tmp_path / "state.pt", {"network": net, "optimizer": opt}).attach(trainer)
     trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())  # "crash" after epoch 1
     trainer.run([0, 1], max_epochs=3)
@@ -99,7 +91,7 @@ def test_training_state_round_trip(tmp_path):
 
     net2 = nn.Linear(3, 2)
     opt2 = torch.optim.Adam(net2.parameters(), lr=0.1)
-    trainer2 = _adam_trainer(net2, opt2)
+    trainer2 = step_trainer(net2, opt2)
     resumed = []
     trainer2.add_event_handler(Events.STARTED, lambda e: resumed.append(e.state.epoch))
     TrainingState(tmp_path / "state.pt", {"network": net2, "optimizer": opt2}).attach(trainer2)
@@ -121,17 +113,17 @@ def test_training_state_round_trip(tmp_path):
 def test_training_state_refuses_a_run_it_does_not_fit(tmp_path, data, max_epochs, match):
     net = nn.Linear(3, 2)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
-    trainer = _adam_trainer(net, opt)
+    trainer = step_trainer(net, opt)
     TrainingState(tmp_path / "state.pt", {"network": net, "optimizer": opt}).attach(trainer)
     trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())
     trainer.run([0, 1], max_epochs=3)
     before = (tmp_path / "state.pt").read_bytes()
-    other = _adam_trainer(net, opt)
+    other = step_trainer(net, opt)
     TrainingState(tmp_path / "state.pt", {"network": net, "optimizer": opt}).attach(other)
     with pytest.raises(ValueError, match=match):
         other.run(data, max_epochs=max_epochs)
     assert (tmp_path / "state.pt").read_bytes() == before
-    fresh = _adam_trainer(net, opt)
+    fresh = step_trainer(net, opt)
     TrainingState(tmp_path / "state.pt", {"network": net, "optimizer": opt}, resume=False).attach(fresh)
     fresh.run(data, max_epochs=max_epochs)
     assert torch.load(tmp_path / "state.pt", weights_only=True)["trainer"]["iteration"] == len(data) * max_epochs

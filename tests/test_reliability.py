@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLES, TINY_2D, copy_datalist, error_chain, workflow
+from conftest import BUNDLES, TINY_2D, copy_datalist, error_chain, step_trainer, workflow
 from ignite.engine import Engine, Events
 from monai.networks.nets import UNet
 from torch import nn
@@ -60,22 +60,13 @@ def test_parse_bool_accepts_the_usual_spellings_and_names_the_key():
         parse_bool("maybe", "resume")
 
 
-def _counting_trainer(net, opt):
-    def step(engine, batch):
-        opt.zero_grad()
-        net(torch.ones(1, 3)).sum().backward()
-        opt.step()
-
-    return Engine(step)
-
-
 def test_resume_false_as_the_command_line_writes_it_starts_over(tmp_path):
     net = nn.Linear(3, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    first = _counting_trainer(net, opt)
+    first = step_trainer(net, opt)
     TrainingState(tmp_path / "s.pt", {"network": net, "optimizer": opt}).attach(first)
     first.run([0, 1], max_epochs=2)
-    again = _counting_trainer(net, opt)
+    again = step_trainer(net, opt)
     TrainingState(tmp_path / "s.pt", {"network": net, "optimizer": opt}, resume="false").attach(again)
     epochs_run = []
     again.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs_run.append(e.state.epoch))
@@ -183,7 +174,7 @@ def _state_run(path, lr=0.1, epochs=2, net=None, resume=True):
     net = net or nn.Linear(3, 2)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    trainer = _counting_trainer(net, opt)
+    trainer = step_trainer(net, opt)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: sched.step())
     TrainingState(path, {"network": net, "optimizer": opt, "lr_scheduler": sched}, resume=resume).attach(trainer)
     trainer.run([0, 1], max_epochs=epochs)

@@ -37,7 +37,6 @@ the same seed and schedule, and its checkpoint hash is compared with the one rec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -55,6 +54,7 @@ from compare_recipes import cache_taps, chart  # noqa: E402  (the same chart and
 
 from medkd.data.demo import LABELS  # noqa: E402
 from medkd.demo import _run_bundle, _summary, bundles_dir, first_iteration_scalars  # noqa: E402
+from medkd.io import file_sha256  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -143,10 +143,6 @@ def _alive(pid: int) -> bool:
     return pid > 0
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 class Study:
     """State of one study: the run folder ``out`` (models, logs, caches) and the committed ``docs/results.json``."""
 
@@ -214,7 +210,7 @@ class Study:
                                   self.logs)
             (ckpt_dir / "done").write_text(f"{seconds:.1f}\n")
         info = self.state.get("teacher", {})
-        sha = _sha256(ckpt)
+        sha = file_sha256(ckpt)
         if info.get("sha256") and info["sha256"] != sha:
             print(f"[teacher] WARNING: the retrained teacher differs from the recorded one (sha256 {sha[:12]} vs "
                   f"{info['sha256'][:12]}); runs recorded with the old teacher are kept", flush=True)

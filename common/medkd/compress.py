@@ -26,7 +26,6 @@ Steps (each resumable: rerunning the same command skips what is done):
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import json
 import re
@@ -39,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from medkd.distill.bundle import (BundleTeacher, BundleTeacherError, _safe_targets, bundle_config,
-                                  load_bundle_teacher, resolve_config)
+from medkd.distill.bundle import BundleTeacher, BundleTeacherError, _safe_targets, load_bundle_teacher, resolve_config
+from medkd.io import file_sha256
 
 __all__ = ["PRESETS", "WIDTH_KEYS", "adapt_preprocessing", "compress", "student_definition", "teacher_pipeline"]
 
@@ -266,14 +265,6 @@ def read_items(data: str | Path, labels: str, seed: int = 0, val_fraction: float
 # --- preparation ------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _compose(transforms: list[dict]):
     from monai.bundle import ConfigParser
 
@@ -338,7 +329,7 @@ def prepare(teacher: BundleTeacher, pipeline: dict, splits: dict[str, list[dict]
     by an earlier run with the same manifest are kept."""
     from tqdm import tqdm
 
-    manifest = {"teacher": _sha256(teacher.checkpoint), "preprocessing": pipeline["preprocessing"],
+    manifest = {"teacher": file_sha256(teacher.checkpoint), "preprocessing": pipeline["preprocessing"],
                 "inferer": pipeline["inferer"], "splits": splits}
     manifest_file = folder / "manifest.json"
     if manifest_file.is_file() and json.loads(manifest_file.read_text()) != manifest:

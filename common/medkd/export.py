@@ -21,7 +21,6 @@ listed with their SHA-256). See ``docs/export.md``.
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -39,7 +38,7 @@ import yaml
 from monai.bundle import ConfigParser
 
 import medkd
-from medkd.io import load_state_dict_file
+from medkd.io import file_sha256, load_state_dict_file
 
 __all__ = [
     "ExportReport",
@@ -448,14 +447,6 @@ def _bundle_docs(text: str, bundle: str, package: str, modules: set[str]) -> str
     return re.sub(r"\[([^\]]+)\]\((\.\./[^)]+)\)", unlink, body)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checked_weights(path: Path, bundle: Path, config: str, net_id: str, what: str) -> dict:
     """The state dict in ``path``, loaded strictly into ``net_id`` of the source bundle's ``config``."""
     state = load_state_dict_file(path)
@@ -554,7 +545,7 @@ def _move_large_files(bundle_dir: Path, limit_mb: float, url: str | None, dest: 
         if path.stat().st_size <= limit_mb * 1024 * 1024:
             continue
         rel = path.relative_to(bundle_dir).as_posix()
-        entries.append({"path": rel, "url": f"{url.rstrip('/')}/{rel}" if url else "", "hash_val": _sha256(path),
+        entries.append({"path": rel, "url": f"{url.rstrip('/')}/{rel}" if url else "", "hash_val": file_sha256(path),
                         "hash_type": "sha256"})
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(path, dest / rel)

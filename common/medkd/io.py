@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -13,7 +14,7 @@ import torch
 from monai.data import NibabelWriter
 from monai.transforms import Spacingd
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "load_state_dict_file", "temp_files_of", "remove_stale_temp_files",
+__all__ = ["file_sha256", "atomic_write_bytes", "atomic_torch_save", "load_state_dict_file", "temp_files_of", "remove_stale_temp_files",
            "ShapeKeepingNibabelWriter", "MetaSafeSpacingd"]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp$")
@@ -90,6 +91,15 @@ def load_state_dict_file(path: str | os.PathLike, map_location: Any = "cpu", key
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
     return ckpt
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file's bytes, read in chunks (checkpoints, large files, cache manifests)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ShapeKeepingNibabelWriter(NibabelWriter):

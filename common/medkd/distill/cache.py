@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medkd.distill.teacher import LiveTeacher, TeacherSource
-from medkd.io import atomic_torch_save, atomic_write_bytes
+from medkd.io import atomic_torch_save, atomic_write_bytes, file_sha256
 
-__all__ = ["TeacherCache", "TeacherViews", "CachedTeacher", "build_teacher_cache", "file_sha256", "CACHE_FORMAT"]
+__all__ = ["TeacherCache", "TeacherViews", "CachedTeacher", "build_teacher_cache", "CACHE_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,6 @@ CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FINGERPRINT_GRID = 4  # image fingerprint: per-channel 4x4(x4) average pooling, plus mean and mean |x|
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """The sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sha(obj: Any) -> str:
