@@ -14,20 +14,38 @@ sys.path.insert(0, str(ROOT / "tools"))
 import kd_study  # noqa: E402
 
 
-@pytest.mark.parametrize("regime", ["a", "c", "d"])
+@pytest.mark.parametrize("regime", ["a", "c", "d", "e"])
 def test_steps_per_epoch_match_the_bundle_data_loaders(regime, tiny2d, teacher_2d, tmp_path):
     spec = kd_study.REGIMES[regime]
-    lists = json.loads((tiny2d / "datalist.json").read_text())
-    labelled, unlabelled = len(lists["training"]), len(lists["unlabeled"])
+    seed = 1
+    labelled, unlabelled = kd_study.regime_counts(tiny2d / "datalist.json", spec, seed)
+    fraction = {"labelled_fraction": spec["labelled_fraction"]} if "labelled_fraction" in spec else {}
     batch = 2
     wf = workflow(kd_study.KD_BUNDLE, ["train.json", *spec["data"]], dataset_dir=str(tiny2d), ckpt_dir=str(tmp_path),
                   output_dir=str(tmp_path / "eval"), teacher_ckpt=str(teacher_2d),
-                  **{**TINY_2D, "batch_size": batch, **spec.get("overrides", {})})
+                  **{**TINY_2D, "batch_size": batch, "seed": seed, **spec.get("overrides", {}), **fraction})
     loader = wf.parser.get_parsed_content("train#dataloader")
     assert kd_study.steps_per_epoch(spec["kind"], labelled, unlabelled, batch) == len(loader)
-    control = workflow("supervised_segmentation", ["train.json"], dataset_dir=str(tiny2d), ckpt_dir=str(tmp_path / "c"),
-                       output_dir=str(tmp_path / "c" / "eval"), **{**TINY_2D, "batch_size": batch})
+    control = workflow("supervised_segmentation", ["train.json", *(["recipes/labelled_subset.json"] if fraction else [])],
+                       dataset_dir=str(tiny2d), ckpt_dir=str(tmp_path / "c"), output_dir=str(tmp_path / "c" / "eval"),
+                       **{**TINY_2D, "batch_size": batch, "seed": seed, **fraction})
     assert kd_study.steps_per_epoch("labelled", labelled, 0, batch) == len(control.parser.get_parsed_content("train#dataloader"))
+    if fraction:  # the control trains on exactly the labelled slices the KD runs keep (same seed, same draw)
+        kept = {item["image"] for item in wf.parser.get_parsed_content("train#split")["labelled"]}
+        assert kept and kept == {item["image"] for item in control.parser.get_parsed_content("train#dataset#data")}
+        assert len(kept) == labelled
+
+
+def test_regime_counts_by_hand(tmp_path):
+    """8 subjects x 24 labelled slices + 32 x 24 unlabelled: (e) keeps 2 subjects' labels (48 slices), the other 6
+    join the unlabelled list (6 x 24 + 768 = 912); the other regimes keep all 192."""
+    training = [{"image": f"s{c}_{z}", "label": f"l{c}_{z}", "case": f"s{c}"} for c in range(8) for z in range(24)]
+    unlabeled = [{"image": f"u{c}_{z}", "case": f"u{c}"} for c in range(32) for z in range(24)]
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": training, "unlabeled": unlabeled}))
+    assert kd_study.regime_counts(path, kd_study.REGIMES["a"], 0) == (192, 768)
+    for seed in range(3):
+        assert kd_study.regime_counts(path, kd_study.REGIMES["e"], seed) == (48, 912)
 
 
 def test_epochs_for_needs_whole_epochs():
@@ -39,9 +57,11 @@ def test_epochs_for_needs_whole_epochs():
 def test_the_demo_regimes_are_whole_epochs_for_control_and_kd():
     """The shipped regimes on the study's data (192 labelled, 768 unlabelled slices): both sides make exactly the
     regime's steps."""
+    counts = {"e": (48, 912)}  # 2 of the 8 subjects keep their labels (test_regime_counts_by_hand)
     for regime, spec in kd_study.REGIMES.items():
-        kd = kd_study.steps_per_epoch(spec["kind"], 192, 768)
-        control = kd_study.steps_per_epoch("labelled", 192, 0)
+        labelled, unlabelled = counts.get(regime, (192, 768))
+        kd = kd_study.steps_per_epoch(spec["kind"], labelled, unlabelled)
+        control = kd_study.steps_per_epoch("labelled", labelled, 0)
         assert spec["steps"] % kd == 0 and spec["steps"] % control == 0, regime
 
 

@@ -1,6 +1,6 @@
 """Where does KD pay on the demo data? Regimes x recipes x seeds, each KD run beside its same-steps no-KD control.
 
-    python tools/kd_study.py run [--parts c,d,a,b] [--seeds 0,1,2] [--out results/kd_study] [--commit False]
+    python tools/kd_study.py run [--parts e,c,d,a,b] [--seeds 0,1,2] [--out results/kd_study] [--commit False]
     python tools/kd_study.py report [--out results/kd_study]      # docs/results.md, .json, .png from stored runs
 
 One teacher (the supervised bundle's default network, MONAI UNet 1.6M) is trained once, for ``teacher_steps``
@@ -13,7 +13,10 @@ labels):
 - ``b``: labelled only, long: 1800 steps (150 epochs);
 - ``c``: 8 labelled + 32 unlabelled subjects (``recipes/unlabelled.json``: batches of 8 labelled + 8 unlabelled
   slices), 384 steps;
-- ``d``: label-free (``recipes/label_free.json`` over the 40 subjects' images, no label read), 360 steps.
+- ``d``: label-free (``recipes/label_free.json`` over the 40 subjects' images, no label read), 360 steps;
+- ``e``: few labels: 2 of the 8 training subjects keep their labels (drawn with the run's seed; the control trains on
+  the same 2 with ``recipes/labelled_subset.json``), the other 6 join the 32 unlabelled ones; the teacher was trained on
+  all 8 (a teacher that knows more than the labels at hand); 342 steps (3 epochs of 114 pairs-batches, 114 of 3).
 
 Recipes (``RECIPES``): the no-KD control (the supervised bundle training the same student on the labelled slices for
 the *same number of optimiser steps* as the regime's KD runs: an epoch over 40 subjects is 5x one over 8, so every
@@ -70,6 +73,11 @@ REGIMES: dict[str, dict] = {
           "steps": 384},
     "d": {"title": "(d) label-free: 0 labels, 40 unlabelled subjects", "data": ["recipes/label_free.json"],
           "kind": "label_free", "steps": 360, "overrides": {"label_free_lists": ["training", "unlabeled"]}},
+    # few labels: the student keeps the labels of 2 of the 8 training subjects (drawn per seed, the control gets the same
+    # 2), the other 6 join the 32 unlabelled ones; the teacher was trained on all 8 (a teacher that knows more than
+    # the labels at hand: the compress use case, a zoo teacher over a small labelled set)
+    "e": {"title": "(e) 2 labelled + 38 unlabelled subjects, teacher trained on 8", "data": ["recipes/unlabelled.json"],
+          "kind": "unlabelled", "steps": 342, "labelled_fraction": 0.25},
 }
 RECIPES: dict[str, str | None] = {
     "no KD": None,
@@ -87,6 +95,20 @@ def _list(value) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
     return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def regime_counts(datalist: Path, spec: dict, seed: int) -> tuple[int, int]:
+    """(labelled, unlabelled) training slices of a regime for one seed: a ``labelled_fraction`` regime keeps the labels
+    of that share of the training subjects (``medkd.data.split_labelled``, drawn with the run's seed, as the bundles'
+    ``recipes/unlabelled.json`` and ``recipes/labelled_subset.json`` do), the others join the unlabelled list."""
+    from medkd.data import split_labelled
+
+    lists = json.loads(Path(datalist).read_text())
+    fraction = spec.get("labelled_fraction")
+    if fraction is None:
+        return len(lists["training"]), len(lists.get("unlabeled", []))
+    split = split_labelled(lists["training"], fraction, seed, "case", lists.get("unlabeled", []))
+    return len(split["labelled"]), len(split["unlabelled"])
 
 
 def steps_per_epoch(kind: str, labelled: int, unlabelled: int, batch: int = BATCH) -> int:
@@ -175,8 +197,7 @@ class Study:
         return Path(prepare_demo(self.data_dir, subjects=12, seed=0, dims=2, unlabelled=UNLABELLED_SUBJECTS))
 
     def counts(self) -> tuple[int, int]:
-        lists = json.loads(self.datalist().read_text())
-        return len(lists["training"]), len(lists.get("unlabeled", []))
+        return regime_counts(self.datalist(), {}, 0)
 
     def save(self) -> None:
         """Write the state, merged with what another process of the study wrote meanwhile (under a file lock)."""
@@ -234,18 +255,22 @@ class Study:
         return _summary(test_dir, "val_mean_dice")
 
     # ----------------------------------------------------------------------------------------------- runs
-    def teacher_cache(self, regime: str, spec: dict, teacher_ckpt: Path, epochs: int) -> Path:
-        """The regime's teacher cache (logits only), built once: ``min(epochs, max_views)`` views of every item."""
-        cache_dir = self.out / f"cache_{regime}"
+    def teacher_cache(self, regime: str, spec: dict, teacher_ckpt: Path, epochs: int, seed: int = 0) -> Path:
+        """The regime's teacher cache (logits only), built once: ``min(epochs, max_views)`` views of every item. A
+        ``labelled_fraction`` regime draws its labelled subjects with the run's seed, so it gets one cache per seed."""
+        fraction = spec.get("labelled_fraction")
+        cache_seed = seed if fraction else 0
+        cache_dir = self.out / (f"cache_{regime}" + (f"_seed{seed}" if fraction else ""))
         if not (cache_dir / "complete").is_file():
             kd = bundles_dir() / KD_BUNDLE / "configs"
             offline = [str(kd / r) for r in RECIPES.values() if r and r != "default"]
             taps = cache_taps(KD_BUNDLE, [[p] for p in offline])
-            _run_bundle(f"cache_teacher_{regime}", KD_BUNDLE, ["train.json", *spec["data"], "recipes/kd_logits.json",
+            _run_bundle(f"cache_teacher_{cache_dir.name[len('cache_'):]}", KD_BUNDLE, ["train.json", *spec["data"], "recipes/kd_logits.json",
                                                                 "cache_teacher.json"],
                         {"dataset_dir": self.data_dir, "num_workers": 0, "ckpt_dir": self.out / f"cache_{regime}_run",
                          "cache_dir": cache_dir, "cache_views": min(epochs, self.max_views), "teacher_ckpt": teacher_ckpt,
-                         "cache_taps": taps, "seed": 0, **spec.get("overrides", {})}, self.logs)
+                         "cache_taps": taps, "seed": cache_seed, **spec.get("overrides", {}),
+                         **({"labelled_fraction": fraction} if fraction else {})}, self.logs)
             (cache_dir / "complete").write_text("built by tools/kd_study.py\n")
         return cache_dir
 
@@ -256,12 +281,14 @@ class Study:
         if key in self.state["runs"]:
             return
         spec = REGIMES[regime]
-        labelled, unlabelled = self.counts()
+        labelled, unlabelled = regime_counts(self.datalist(), spec, seed)
         steps = self.steps[regime]
+        fraction = spec.get("labelled_fraction")
         folder = f"{regime}/{recipe.replace(' ', '_')}/seed{seed}"
-        if RECIPES[recipe] is None:  # the control depends on the steps alone: one run serves every regime with them
-            folder = f"control_{steps}_steps/seed{seed}"
+        if RECIPES[recipe] is None:  # the control depends on its steps and labels alone: one run serves every such regime
+            folder = f"control_{steps}_steps" + (f"_labelled{fraction}" if fraction else "") + f"/seed{seed}"
             twin = next((k for r in REGIMES if self.steps[r] == steps and r != regime
+                         and REGIMES[r].get("labelled_fraction") == fraction
                          for k in [f"{r}/{recipe}/seed{seed}"] if k in self.state["runs"]), None)
             if twin:
                 self.state["runs"][key] = {**self.state["runs"][twin], "same_run_as": twin}
@@ -275,14 +302,19 @@ class Study:
         if path is None:  # the no-KD control: the same student, labelled slices, the same number of steps
             epochs = epochs_for(steps, steps_per_epoch("labelled", labelled, 0), f"regime {regime} control")
             bundle, configs, overrides = SUPERVISED, ["train.json"], {"network_def": student_def}
+            if fraction:  # the same labelled subjects as the regime's KD runs with this seed
+                configs.append("recipes/labelled_subset.json")
+                overrides["labelled_fraction"] = fraction
         else:
             epochs = epochs_for(steps, steps_per_epoch(spec["kind"], labelled, unlabelled), f"regime {regime} KD runs")
             configs = ["train.json", *spec["data"], *([] if path == "default" else [path])]
             bundle, overrides = KD_BUNDLE, {"teacher_ckpt": teacher_ckpt, **spec.get("overrides", {})}
+            if fraction:
+                overrides["labelled_fraction"] = fraction
             reads_taps = bool(cache_taps(KD_BUNDLE, [[str(bundles_dir() / KD_BUNDLE / 'configs' / path)]]
                                          if path != "default" else [[]]))
             if offline and not reads_taps:
-                overrides["teacher_cache"] = self.teacher_cache(regime, spec, teacher_ckpt, epochs)
+                overrides["teacher_cache"] = self.teacher_cache(regime, spec, teacher_ckpt, epochs, seed)
         val_interval = max(1, epochs // 10)
         name = f"train_{folder.replace('/', '_')}"
         busy = self.out / folder / "running.pid"
@@ -347,7 +379,7 @@ class Study:
 
         lines = ["# Where KD pays on the demo data: regimes × recipes × 3 seeds", "",
                  f"Status: {self.status()}. Regenerate (2 CPU cores; every run a few minutes, the matrix in parts):", "",
-                 "```bash", "python tools/kd_study.py run --parts c,d,a,b --seeds 0,1,2   # resumable; skips finished runs",
+                 "```bash", "python tools/kd_study.py run --parts e,c,d,a,b --seeds 0,1,2   # resumable; skips finished runs",
                  "python tools/kd_study.py report                                 # this page from docs/results.json",
                  "```", "",
                  "Setup: teacher MONAI UNet 16-32-64-128-256 with 2 residual units (the supervised bundle's default), trained "
@@ -455,7 +487,7 @@ class Study:
         self.save()
 
 
-def run(parts: str | tuple = "c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
+def run(parts: str | tuple = "e,c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
         data_dir: str = "data/demo2d_unl32", teacher_steps: int = 1800, offline: bool = True, commit: bool = False,
         max_views: int = 150, doc: str | None = None, steps: dict | None = None, controls_only: bool = False) -> None:
     """Run (or continue) the study; see the module docstring. ``doc``: the Markdown file to write (default
