@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import kd_study  # noqa: E402
 
 
-@pytest.mark.parametrize("regime", ["a", "c", "d", "e"])
+@pytest.mark.parametrize("regime", ["a", "c", "d", "e"])  # (f) needs more than the tiny data's one subject
 def test_steps_per_epoch_match_the_bundle_data_loaders(regime, tiny2d, teacher_2d, tmp_path):
     spec = kd_study.REGIMES[regime]
     seed = 1
@@ -38,7 +38,8 @@ def test_steps_per_epoch_match_the_bundle_data_loaders(regime, tiny2d, teacher_2
 
 def test_regime_counts_by_hand(tmp_path):
     """8 subjects x 24 labelled slices + 32 x 24 unlabelled: (e) keeps 2 subjects' labels (48 slices), the other 6
-    join the unlabelled list (6 x 24 + 768 = 912); the other regimes keep all 192."""
+    join the unlabelled list (6 x 24 + 768 = 912; (f), without the extra subjects, 6 x 24 = 144); the other regimes keep
+    all 192."""
     training = [{"image": f"s{c}_{z}", "label": f"l{c}_{z}", "case": f"s{c}"} for c in range(8) for z in range(24)]
     unlabeled = [{"image": f"u{c}_{z}", "case": f"u{c}"} for c in range(32) for z in range(24)]
     path = tmp_path / "datalist.json"
@@ -46,6 +47,7 @@ def test_regime_counts_by_hand(tmp_path):
     assert kd_study.regime_counts(path, kd_study.REGIMES["a"], 0) == (192, 768)
     for seed in range(3):
         assert kd_study.regime_counts(path, kd_study.REGIMES["e"], seed) == (48, 912)
+        assert kd_study.regime_counts(path, kd_study.REGIMES["f"], seed) == (48, 144)  # no extra subjects
 
 
 def test_epochs_for_needs_whole_epochs():
@@ -57,7 +59,7 @@ def test_epochs_for_needs_whole_epochs():
 def test_the_demo_regimes_are_whole_epochs_for_control_and_kd():
     """The shipped regimes on the study's data (192 labelled, 768 unlabelled slices): both sides make exactly the
     regime's steps."""
-    counts = {"e": (48, 912)}  # 2 of the 8 subjects keep their labels (test_regime_counts_by_hand)
+    counts = {"e": (48, 912), "f": (48, 144)}  # 2 of the 8 subjects keep their labels (test_regime_counts_by_hand)
     for regime, spec in kd_study.REGIMES.items():
         labelled, unlabelled = counts.get(regime, (192, 768))
         kd = kd_study.steps_per_epoch(spec["kind"], labelled, unlabelled)

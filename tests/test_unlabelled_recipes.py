@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import BUNDLES, TINY_2D, copy_datalist, workflow
+from conftest import BUNDLES, TINY_2D, copy_datalist, error_chain, workflow
 
 from medkd.data import label_free_entries, load_datalist
 
@@ -86,3 +86,34 @@ def test_every_kd_bundle_ships_the_unlabelled_recipes():
             content = json.loads((recipes / name).read_text())
             assert "train#mark_labelled" in content, (bundle, name)
         assert json.loads((recipes / "label_free.json").read_text())["train#trainer#key_train_metric"] is None
+
+
+def test_unlabelled_recipe_without_extra_list(tiny2d, tmp_path):
+    """``unlabelled_list`` null: a datalist without an 'unlabeled' list still trains semi-supervised; the unlabelled set
+    is exactly the training subjects whose labels ``labelled_fraction`` drops (labels removed), in every KD bundle."""
+    def one_case_per_entry(data):
+        for i, entry in enumerate(data["training"]):
+            entry["case"] = f"case{i}"
+        data.pop("unlabeled", None)
+
+    data = copy_datalist(tiny2d, tmp_path / "data", one_case_per_entry)
+    training = load_datalist(data / "datalist.json", "training")
+    assert len(training) >= 2
+    from monai.bundle import ConfigParser
+
+    for bundle in ("emkd", "graph_flow", "gkd", "acw_skd", "mtms_ckd"):
+        cdir = BUNDLES / f"{bundle}_segmentation" / "configs"
+        parser = ConfigParser()
+        parser.read_config([str(cdir / "train.json"), str(cdir / "recipes" / "unlabelled.json")])
+        parser.update({"dataset_dir": str(data), "bundle_root": str(cdir.parent), "unlabelled_list": None,
+                       "labelled_fraction": 0.5, "seed": 3})
+        split = parser.get_parsed_content("train#split")
+        labelled = {e["image"] for e in split["labelled"]}
+        unlabelled = {e["image"] for e in split["unlabelled"]}
+        assert len(labelled) == round(0.5 * len(training)), bundle
+        assert labelled | unlabelled == {e["image"] for e in training} and not labelled & unlabelled, bundle
+        assert all("label" not in e for e in split["unlabelled"]), bundle
+        parser.update({"unlabelled_list": "unlabeled"})  # the default list is missing here: a clear error
+        with pytest.raises(Exception) as err:
+            parser.get_parsed_content("train#split", lazy=False)
+        assert "has no 'unlabeled' list" in error_chain(err.value), bundle

@@ -1,6 +1,6 @@
 """Where does KD pay on the demo data? Regimes x recipes x seeds, each KD run beside its same-steps no-KD control.
 
-    python tools/kd_study.py run [--parts e,c,d,a,b] [--seeds 0,1,2] [--out results/kd_study] [--commit False]
+    python tools/kd_study.py run [--parts e,f,c,d,a,b] [--seeds 0,1,2] [--out results/kd_study] [--commit False]
     python tools/kd_study.py report [--out results/kd_study]      # docs/results.md, .json, .png from stored runs
 
 One teacher (the supervised bundle's default network, MONAI UNet 1.6M) is trained once, for ``teacher_steps``
@@ -16,7 +16,10 @@ labels):
 - ``d``: label-free (``recipes/label_free.json`` over the 40 subjects' images, no label read), 360 steps;
 - ``e``: few labels: 2 of the 8 training subjects keep their labels (drawn with the run's seed; the control trains on
   the same 2 with ``recipes/labelled_subset.json``), the other 6 join the 32 unlabelled ones; the teacher was trained on
-  all 8 (a teacher that knows more than the labels at hand); 342 steps (3 epochs of 114 pairs-batches, 114 of 3).
+  all 8 (a teacher that knows more than the labels at hand); 342 steps (3 epochs of 114 pairs-batches, 114 of 3);
+- ``f``: as ``e`` without the 32 extra subjects (``unlabelled_list`` null: the 6 training subjects without their labels
+  are the unlabelled set): the regime ``make demo`` runs; 342 steps (19 epochs of 18 pairs-batches); the same control
+  runs as ``e``.
 
 Recipes (``RECIPES``): the no-KD control (the supervised bundle training the same student on the labelled slices for
 the *same number of optimiser steps* as the regime's KD runs: an epoch over 40 subjects is 5x one over 8, so every
@@ -78,6 +81,11 @@ REGIMES: dict[str, dict] = {
     # the labels at hand: the compress use case, a zoo teacher over a small labelled set)
     "e": {"title": "(e) 2 labelled + 38 unlabelled subjects, teacher trained on 8", "data": ["recipes/unlabelled.json"],
           "kind": "unlabelled", "steps": 342, "labelled_fraction": 0.25},
+    # the same few labels without extra subjects: only the 6 training subjects whose labels are dropped are unlabelled
+    # (the default demo data, no `--unlabelled`: what `make demo` runs)
+    "f": {"title": "(f) 2 labelled + 6 unlabelled subjects (no extra subjects), teacher trained on 8",
+          "data": ["recipes/unlabelled.json"], "kind": "unlabelled", "steps": 342, "labelled_fraction": 0.25,
+          "overrides": {"unlabelled_list": None}},
 }
 RECIPES: dict[str, str | None] = {
     "no KD": None,
@@ -105,9 +113,10 @@ def regime_counts(datalist: Path, spec: dict, seed: int) -> tuple[int, int]:
 
     lists = json.loads(Path(datalist).read_text())
     fraction = spec.get("labelled_fraction")
+    extra = lists.get("unlabeled", []) if "unlabelled_list" not in spec.get("overrides", {}) else []
     if fraction is None:
-        return len(lists["training"]), len(lists.get("unlabeled", []))
-    split = split_labelled(lists["training"], fraction, seed, "case", lists.get("unlabeled", []))
+        return len(lists["training"]), len(extra)
+    split = split_labelled(lists["training"], fraction, seed, "case", extra)
     return len(split["labelled"]), len(split["unlabelled"])
 
 
@@ -379,7 +388,7 @@ class Study:
 
         lines = ["# Where KD pays on the demo data: regimes × recipes × 3 seeds", "",
                  f"Status: {self.status()}. Regenerate (2 CPU cores; every run a few minutes, the matrix in parts):", "",
-                 "```bash", "python tools/kd_study.py run --parts e,c,d,a,b --seeds 0,1,2   # resumable; skips finished runs",
+                 "```bash", "python tools/kd_study.py run --parts e,f,c,d,a,b --seeds 0,1,2   # resumable; skips finished runs",
                  "python tools/kd_study.py report                                 # this page from docs/results.json",
                  "```", "",
                  "Setup: teacher MONAI UNet 16-32-64-128-256 with 2 residual units (the supervised bundle's default), trained "
@@ -487,7 +496,7 @@ class Study:
         self.save()
 
 
-def run(parts: str | tuple = "e,c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
+def run(parts: str | tuple = "e,f,c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
         data_dir: str = "data/demo2d_unl32", teacher_steps: int = 1800, offline: bool = True, commit: bool = False,
         max_views: int = 150, doc: str | None = None, steps: dict | None = None, controls_only: bool = False) -> None:
     """Run (or continue) the study; see the module docstring. ``doc``: the Markdown file to write (default
