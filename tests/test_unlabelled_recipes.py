@@ -90,7 +90,8 @@ def test_every_kd_bundle_ships_the_unlabelled_recipes():
 
 def test_unlabelled_recipe_without_extra_list(tiny2d, tmp_path):
     """``unlabelled_list`` null: a datalist without an 'unlabeled' list still trains semi-supervised; the unlabelled set
-    is exactly the training subjects whose labels ``labelled_fraction`` drops (labels removed), in every KD bundle."""
+    is exactly the training subjects whose labels ``labelled_fraction`` drops (labels removed), in every KD bundle;
+    ``labelled_seed`` (default: the run's seed) fixes which subjects keep their labels."""
     def one_case_per_entry(data):
         for i, entry in enumerate(data["training"]):
             entry["case"] = f"case{i}"
@@ -113,6 +114,8 @@ def test_unlabelled_recipe_without_extra_list(tiny2d, tmp_path):
         assert len(labelled) == round(0.5 * len(training)), bundle
         assert labelled | unlabelled == {e["image"] for e in training} and not labelled & unlabelled, bundle
         assert all("label" not in e for e in split["unlabelled"]), bundle
+        parser.update({"seed": 11, "labelled_seed": 3})  # labelled_seed pins the draw whatever the run's seed
+        assert {e["image"] for e in parser.get_parsed_content("train#split", lazy=False)["labelled"]} == labelled, bundle
         parser.update({"unlabelled_list": "unlabeled"})  # the default list is missing here: a clear error
         with pytest.raises(Exception) as err:
             parser.get_parsed_content("train#split", lazy=False)

@@ -14,8 +14,8 @@ labels):
 - ``c``: 8 labelled + 32 unlabelled subjects (``recipes/unlabelled.json``: batches of 8 labelled + 8 unlabelled
   slices), 384 steps;
 - ``d``: label-free (``recipes/label_free.json`` over the 40 subjects' images, no label read), 360 steps;
-- ``e``: few labels: 2 of the 8 training subjects keep their labels (drawn with the run's seed; the control trains on
-  the same 2 with ``recipes/labelled_subset.json``), the other 6 join the 32 unlabelled ones; the teacher was trained on
+- ``e``: few labels: 2 of the 8 training subjects keep their labels (drawn once with ``LABELLED_SEED``, the same for
+  every run seed; the control trains on the same 2 with ``recipes/labelled_subset.json``), the other 6 join the 32 unlabelled ones; the teacher was trained on
   all 8 (a teacher that knows more than the labels at hand); 342 steps (3 epochs of 114 pairs-batches, 114 of 3);
 - ``f``: as ``e`` without the 32 extra subjects (``unlabelled_list`` null: the 6 training subjects without their labels
   are the unlabelled set): the regime ``make demo`` runs; 342 steps (19 epochs of 18 pairs-batches); the same control
@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_recipes import cache_taps, chart  # noqa: E402  (the same chart and tap collection as compare_recipes)
 
 from medkd.data.demo import LABELS  # noqa: E402
+from medkd.data.semi import epochs_for, steps_per_epoch  # noqa: E402,F401  (schedules in optimiser steps)
 from medkd.demo import _run_bundle, _summary, bundles_dir, first_iteration_scalars  # noqa: E402
 from medkd.io import file_sha256  # noqa: E402
 
@@ -66,9 +67,19 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 SUPERVISED = "supervised_segmentation"
 KD_BUNDLE = "emkd_segmentation"
-BATCH = 16
 UNLABELLED_SUBJECTS = 32
 
+# Recipe variants (a recipe + config overrides), run in the regimes that list them under "variants": with few labels
+# the task loss on the labelled half and the KD terms pull apart, and the bundles' KD weights (set so the weighted KD
+# term is ~0.5x the task loss at the first iteration on fully labelled data) leave the task loss in charge.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "logits KD T 1 (weight 1)": ("recipes/kd_logits_t1.json", {"kd_terms#0#weight": 1.0}),
+    "logits KD T 1 (weight 3)": ("recipes/kd_logits_t1.json", {"kd_terms#0#weight": 3.0}),
+}
+# A ``labelled_fraction`` regime draws its labelled subjects once, with this seed, for every run seed: the seeds then
+# vary initialisation, augmentation and batch order only, as in the other regimes (which subjects are labelled moves
+# the Dice by more than the seeds do: 0.824 vs 0.809 for two draws, the no-KD student of (e)).
+LABELLED_SEED = 0
 REGIMES: dict[str, dict] = {
     "a": {"title": "(a) labelled only, 30 epochs", "data": [], "kind": "labelled", "steps": 360},
     "b": {"title": "(b) labelled only, long (150 epochs)", "data": [], "kind": "labelled", "steps": 1800},
@@ -76,16 +87,17 @@ REGIMES: dict[str, dict] = {
           "steps": 384},
     "d": {"title": "(d) label-free: 0 labels, 40 unlabelled subjects", "data": ["recipes/label_free.json"],
           "kind": "label_free", "steps": 360, "overrides": {"label_free_lists": ["training", "unlabeled"]}},
-    # few labels: the student keeps the labels of 2 of the 8 training subjects (drawn per seed, the control gets the same
-    # 2), the other 6 join the 32 unlabelled ones; the teacher was trained on all 8 (a teacher that knows more than
+    # few labels: the student keeps the labels of 2 of the 8 training subjects (drawn once, LABELLED_SEED; the control
+    # gets the same 2), the other 6 join the 32 unlabelled ones; the teacher was trained on all 8 (a teacher that knows more than
     # the labels at hand: the compress use case, a zoo teacher over a small labelled set)
     "e": {"title": "(e) 2 labelled + 38 unlabelled subjects, teacher trained on 8", "data": ["recipes/unlabelled.json"],
-          "kind": "unlabelled", "steps": 342, "labelled_fraction": 0.25},
+          "kind": "unlabelled", "steps": 342, "labelled_fraction": 0.25,
+          "variants": list(VARIANTS)},
     # the same few labels without extra subjects: only the 6 training subjects whose labels are dropped are unlabelled
     # (the default demo data, no `--unlabelled`: what `make demo` runs)
     "f": {"title": "(f) 2 labelled + 6 unlabelled subjects (no extra subjects), teacher trained on 8",
           "data": ["recipes/unlabelled.json"], "kind": "unlabelled", "steps": 342, "labelled_fraction": 0.25,
-          "overrides": {"unlabelled_list": None}},
+          "overrides": {"unlabelled_list": "$None"}, "variants": list(VARIANTS)},  # a CLI None is dropped by MONAI
 }
 RECIPES: dict[str, str | None] = {
     "no KD": None,
@@ -105,6 +117,19 @@ def _list(value) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
+def recipes_of(regime: str) -> list[str]:
+    """The recipes a regime runs: every one of ``RECIPES``, then the regime's ``variants``."""
+    return [*RECIPES, *REGIMES[regime].get("variants", [])]
+
+
+def recipe_config(name: str) -> tuple[str | None, dict]:
+    """(recipe path or "default" or None for the control, config overrides) of a recipe or variant name."""
+    if name in RECIPES:
+        return RECIPES[name], {}
+    path, overrides = VARIANTS[name]
+    return path, dict(overrides)
+
+
 def regime_counts(datalist: Path, spec: dict, seed: int) -> tuple[int, int]:
     """(labelled, unlabelled) training slices of a regime for one seed: a ``labelled_fraction`` regime keeps the labels
     of that share of the training subjects (``medkd.data.split_labelled``, drawn with the run's seed, as the bundles'
@@ -118,30 +143,6 @@ def regime_counts(datalist: Path, spec: dict, seed: int) -> tuple[int, int]:
         return len(lists["training"]), len(extra)
     split = split_labelled(lists["training"], fraction, seed, "case", extra)
     return len(split["labelled"]), len(split["unlabelled"])
-
-
-def steps_per_epoch(kind: str, labelled: int, unlabelled: int, batch: int = BATCH) -> int:
-    """Optimiser steps in one epoch of a regime's KD runs (``kind``) over ``labelled`` + ``unlabelled`` slices.
-
-    ``labelled``: ``ceil(labelled / batch)``; ``unlabelled`` (``recipes/unlabelled.json``: items are (labelled,
-    unlabelled) pairs, as many as the larger set, ``batch // 2`` pairs a batch): ``ceil(max(l, u) / (batch // 2))``;
-    ``label_free`` (every image, labels dropped): ``ceil((l + u) / batch)``.
-    """
-    if kind == "labelled":
-        return math.ceil(labelled / batch)
-    if kind == "unlabelled":
-        return math.ceil(max(labelled, unlabelled) / max(1, batch // 2))
-    if kind == "label_free":
-        return math.ceil((labelled + unlabelled) / batch)
-    raise ValueError(f"unknown regime kind {kind!r}")
-
-
-def epochs_for(steps: int, per_epoch: int, what: str) -> int:
-    """The number of epochs that makes exactly ``steps`` optimiser steps (an error if ``per_epoch`` does not divide it)."""
-    if steps % per_epoch:
-        raise ValueError(f"{what}: {steps} steps is not a whole number of epochs of {per_epoch} steps; "
-                         "choose a multiple of both the control's and the KD runs' steps per epoch")
-    return steps // per_epoch
 
 
 def logged_steps(log: Path) -> int:
@@ -265,11 +266,10 @@ class Study:
 
     # ----------------------------------------------------------------------------------------------- runs
     def teacher_cache(self, regime: str, spec: dict, teacher_ckpt: Path, epochs: int, seed: int = 0) -> Path:
-        """The regime's teacher cache (logits only), built once: ``min(epochs, max_views)`` views of every item. A
-        ``labelled_fraction`` regime draws its labelled subjects with the run's seed, so it gets one cache per seed."""
+        """The regime's teacher cache (logits only), built once: ``min(epochs, max_views)`` views of every item (a
+        ``labelled_fraction`` regime keeps the same labelled subjects for every seed, ``LABELLED_SEED``: one cache)."""
         fraction = spec.get("labelled_fraction")
-        cache_seed = seed if fraction else 0
-        cache_dir = self.out / (f"cache_{regime}" + (f"_seed{seed}" if fraction else ""))
+        cache_dir = self.out / f"cache_{regime}"
         if not (cache_dir / "complete").is_file():
             kd = bundles_dir() / KD_BUNDLE / "configs"
             offline = [str(kd / r) for r in RECIPES.values() if r and r != "default"]
@@ -278,8 +278,9 @@ class Study:
                                                                 "cache_teacher.json"],
                         {"dataset_dir": self.data_dir, "num_workers": 0, "ckpt_dir": self.out / f"cache_{regime}_run",
                          "cache_dir": cache_dir, "cache_views": min(epochs, self.max_views), "teacher_ckpt": teacher_ckpt,
-                         "cache_taps": taps, "seed": cache_seed, **spec.get("overrides", {}),
-                         **({"labelled_fraction": fraction} if fraction else {})}, self.logs)
+                         "cache_taps": taps, "seed": 0, **spec.get("overrides", {}),
+                         **({"labelled_fraction": fraction, "labelled_seed": LABELLED_SEED} if fraction else {})},
+                        self.logs)
             (cache_dir / "complete").write_text("built by tools/kd_study.py\n")
         return cache_dir
 
@@ -290,11 +291,12 @@ class Study:
         if key in self.state["runs"]:
             return
         spec = REGIMES[regime]
-        labelled, unlabelled = regime_counts(self.datalist(), spec, seed)
+        labelled, unlabelled = regime_counts(self.datalist(), spec, LABELLED_SEED)
         steps = self.steps[regime]
         fraction = spec.get("labelled_fraction")
         folder = f"{regime}/{recipe.replace(' ', '_')}/seed{seed}"
-        if RECIPES[recipe] is None:  # the control depends on its steps and labels alone: one run serves every such regime
+        path, recipe_overrides = recipe_config(recipe)
+        if path is None:  # the control depends on its steps and labels alone: one run serves every such regime
             folder = f"control_{steps}_steps" + (f"_labelled{fraction}" if fraction else "") + f"/seed{seed}"
             twin = next((k for r in REGIMES if self.steps[r] == steps and r != regime
                          and REGIMES[r].get("labelled_fraction") == fraction
@@ -307,19 +309,18 @@ class Study:
         schedule = {"lr_scheduler#T_max": steps, "train#handlers#0#epoch_level": False}
         dirs = {"ckpt_dir": self.out / folder, "output_dir": self.out / folder / "eval"}
         base = {"dataset_dir": self.data_dir, "num_workers": 0, "resume": True, "seed": seed, **schedule, **dirs}
-        path = RECIPES[recipe]
         if path is None:  # the no-KD control: the same student, labelled slices, the same number of steps
             epochs = epochs_for(steps, steps_per_epoch("labelled", labelled, 0), f"regime {regime} control")
             bundle, configs, overrides = SUPERVISED, ["train.json"], {"network_def": student_def}
-            if fraction:  # the same labelled subjects as the regime's KD runs with this seed
+            if fraction:  # the same labelled subjects as the regime's KD runs
                 configs.append("recipes/labelled_subset.json")
-                overrides["labelled_fraction"] = fraction
+                overrides.update(labelled_fraction=fraction, labelled_seed=LABELLED_SEED)
         else:
             epochs = epochs_for(steps, steps_per_epoch(spec["kind"], labelled, unlabelled), f"regime {regime} KD runs")
             configs = ["train.json", *spec["data"], *([] if path == "default" else [path])]
-            bundle, overrides = KD_BUNDLE, {"teacher_ckpt": teacher_ckpt, **spec.get("overrides", {})}
+            bundle, overrides = KD_BUNDLE, {"teacher_ckpt": teacher_ckpt, **spec.get("overrides", {}), **recipe_overrides}
             if fraction:
-                overrides["labelled_fraction"] = fraction
+                overrides.update(labelled_fraction=fraction, labelled_seed=LABELLED_SEED)
             reads_taps = bool(cache_taps(KD_BUNDLE, [[str(bundles_dir() / KD_BUNDLE / 'configs' / path)]]
                                          if path != "default" else [[]]))
             if offline and not reads_taps:
@@ -426,7 +427,7 @@ class Study:
                       "| recipe | " + " | ".join(f"Dice {labels[k]}" for k in labels)
                       + " | mean Dice | Δ vs control | Δ / pooled std | seeds | s / run |",
                       "|---|" + "---|" * (len(labels) + 5)]
-            for recipe in RECIPES:
+            for recipe in recipes_of(regime):
                 mean = values(regime, recipe)
                 delta = ratio = "–"
                 if recipe != "no KD" and len(mean) > 1 and len(control) > 1:
@@ -498,11 +499,13 @@ class Study:
 
 def run(parts: str | tuple = "e,f,c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
         data_dir: str = "data/demo2d_unl32", teacher_steps: int = 1800, offline: bool = True, commit: bool = False,
-        max_views: int = 150, doc: str | None = None, steps: dict | None = None, controls_only: bool = False) -> None:
+        max_views: int = 150, doc: str | None = None, steps: dict | None = None, controls_only: bool = False,
+        recipes: str | tuple | None = None) -> None:
     """Run (or continue) the study; see the module docstring. ``doc``: the Markdown file to write (default
     ``docs/results.md``; its ``.json`` and ``.png`` beside it); ``steps``: ``{regime: steps}`` overriding ``REGIMES``
     (tests); ``controls_only``: run the no-KD controls alone (they need no teacher; a second process can run them
-    while the first trains the teacher: both merge their runs into the same JSON)."""
+    while the first trains the teacher: both merge their runs into the same JSON); ``recipes``: only these recipe
+    names (comma-separated), in this order."""
     study = Study(out, data_dir, teacher_steps, max_views, doc, steps)
     study.controls_only = controls_only
     seed_list = [int(s) for s in _list(seeds)]
@@ -516,8 +519,9 @@ def run(parts: str | tuple = "e,f,c,d,a,b", seeds: str | tuple = "0,1,2", out: s
     study.report()
     for part in _list(parts):
         for seed in seed_list:
-            for recipe in RECIPES:
-                if RECIPES[recipe] is None or not controls_only:
+            chosen = recipes_of(part) if recipes is None else [r for r in _list(recipes) if r in recipes_of(part)]
+            for recipe in chosen:
+                if RECIPES.get(recipe, "") is None or not controls_only:
                     study.run_one(part, recipe, seed, teacher_ckpt, offline, commit)
     study.report()
     if commit:

@@ -9,6 +9,7 @@ loss and label-reading terms on labelled samples only).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Hashable, Sequence
 
@@ -20,7 +21,8 @@ from torch.utils.data import Dataset
 
 from medkd.data.datalist import load_datalist
 
-__all__ = ["split_labelled", "label_free_entries", "MarkLabelledd", "SemiSupervisedDataset"]
+__all__ = ["split_labelled", "label_free_entries", "MarkLabelledd", "SemiSupervisedDataset", "steps_per_epoch",
+           "epochs_for"]
 
 
 def split_labelled(items: Sequence[dict], fraction: float, seed: int = 0, group_key: str = "case",
@@ -121,3 +123,27 @@ class SemiSupervisedDataset(Dataset):
 
     def __getitem__(self, index: int) -> list[dict]:
         return [self.labelled[index % len(self.labelled)], self.unlabelled[index % len(self.unlabelled)]]
+
+
+def steps_per_epoch(kind: str, labelled: int, unlabelled: int, batch: int = 16) -> int:
+    """Optimiser steps in one epoch of a training run of data ``kind`` over ``labelled`` + ``unlabelled`` slices.
+
+    ``labelled``: ``ceil(labelled / batch)``; ``unlabelled`` (``recipes/unlabelled.json``: items are (labelled,
+    unlabelled) pairs, as many as the larger set, ``batch // 2`` pairs a batch): ``ceil(max(l, u) / (batch // 2))``;
+    ``label_free`` (every image, labels dropped): ``ceil((l + u) / batch)``.
+    """
+    if kind == "labelled":
+        return math.ceil(labelled / batch)
+    if kind == "unlabelled":
+        return math.ceil(max(labelled, unlabelled) / max(1, batch // 2))
+    if kind == "label_free":
+        return math.ceil((labelled + unlabelled) / batch)
+    raise ValueError(f"unknown regime kind {kind!r}")
+
+
+def epochs_for(steps: int, per_epoch: int, what: str) -> int:
+    """The number of epochs that makes exactly ``steps`` optimiser steps (an error if ``per_epoch`` does not divide it)."""
+    if steps % per_epoch:
+        raise ValueError(f"{what}: {steps} steps is not a whole number of epochs of {per_epoch} steps; "
+                         "choose a multiple of both the control's and the KD runs' steps per epoch")
+    return steps // per_epoch
