@@ -75,6 +75,7 @@ UNLABELLED_SUBJECTS = 32
 VARIANTS: dict[str, tuple[str, dict]] = {
     "logits KD T 1 (weight 1)": ("recipes/kd_logits_t1.json", {"kd_terms#0#weight": 1.0}),
     "logits KD T 1 (weight 3)": ("recipes/kd_logits_t1.json", {"kd_terms#0#weight": 3.0}),
+    "logits KD T 1 (weight 10)": ("recipes/kd_logits_t1.json", {"kd_terms#0#weight": 10.0}),
 }
 # A ``labelled_fraction`` regime draws its labelled subjects once, with this seed, for every run seed: the seeds then
 # vary initialisation, augmentation and batch order only, as in the other regimes (which subjects are labelled moves
@@ -217,7 +218,10 @@ class Study:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.json_path.is_file():
                 stored = json.loads(self.json_path.read_text())
-                self.state["runs"] = {**stored.get("runs", {}), **self.state["runs"]}
+                merged = dict(stored.get("runs", {}))
+                for key, run in self.state["runs"].items():  # per run: fields another process added are kept
+                    merged[key] = {**merged.get(key, {}), **run}
+                self.state["runs"] = merged
                 for key, value in stored.items():
                     self.state.setdefault(key, value)
             tmp = self.json_path.with_suffix(".json.tmp")
@@ -345,7 +349,9 @@ class Study:
             raise RuntimeError(f"{key}: the log shows {made} optimiser steps, the regime asks for {steps}")
         dice = self.evaluate(folder, {"network_def": student_def})
         first = first_iteration_scalars(self.logs / f"{name}.log") if path is not None else {}
+        curve = validation_curve(self.logs / f"{name}.log")
         self.state["runs"][key] = {"dice": dice, "steps": made, "epochs": epochs, "seconds": round(seconds, 1),
+                                   "val_best": max(d for _, d in curve) if curve else None,
                                    "offline": "teacher_cache" in overrides, "first_iteration": first}
         self.save()
         self.report()
@@ -380,7 +386,11 @@ class Study:
         cost = self.state.get("cost", {})
 
         def values(regime: str, recipe: str, key: str = "mean") -> list[float]:
-            return [runs[f"{regime}/{recipe}/seed{s}"]["dice"][key] for s in seeds if f"{regime}/{recipe}/seed{s}" in runs]
+            """Test Dice ``key`` (a class or "mean") of the recorded seeds; ``val_best``: the best validation Dice."""
+            found = [runs[k] for s in seeds for k in [f"{regime}/{recipe}/seed{s}"] if k in runs]
+            if key == "val_best":
+                return [r["val_best"] for r in found if r.get("val_best") is not None]
+            return [r["dice"][key] for r in found]
 
         def fmt(v: list[float]) -> str:
             if not v:
@@ -404,8 +414,16 @@ class Study:
                  "from a teacher cache (one per regime's data, views = epochs, so every epoch sees fresh augmented views as the control does), EMKD runs its teacher live. In (c) every KD batch holds 8 labelled + 8 unlabelled slices (`recipes/unlabelled.json`), so "
                  "the KD runs see half as many labelled slices per step as the control; in (d) the KD runs read no label at "
                  "all and the control is the supervised student (labels, same steps), the comparison the label-free goal "
-                 "asks for. A control depends on its steps only, so (a) and (d) share theirs (the same runs). Wall times "
-                 "were measured while other jobs shared the 2 cores: indicative only.", ""]
+                 "asks for. A control depends on its steps (and labelled subjects) only, so (a) and (d) share theirs, "
+                 "and so do (e) and (f) (the same runs). In (e) and (f) 2 of the 8 training subjects keep their labels "
+                 "(drawn once, the same 2 for every seed and for the control: which 2 moves the Dice by more than the seeds "
+                 "do), the other 6 lose them and join the unlabelled set ((e): with the 32 extra subjects; (f): alone, "
+                 "the default demo data and what `make demo` runs); the teacher is the same one, trained on all 8 "
+                 "labelled subjects: a teacher that knows more than the labels at hand, as a model-zoo teacher does. "
+                 "Variants: a recipe with its KD term's weight overridden (`--kd_terms#0#weight`); the bundles' weights "
+                 "make the weighted KD term ~0.5x the task loss at the first iteration, which leaves the task loss on "
+                 "the 2 labelled subjects in charge. Wall times were measured while other jobs shared the 2 cores: "
+                 "indicative only.", ""]
         if teacher:
             t = teacher["dice"]
             curve = teacher.get("validation_curve", [])
@@ -425,8 +443,8 @@ class Study:
             control = values(regime, "no KD")
             lines += [f"## {spec['title']}: {self.steps[regime]} steps", "",
                       "| recipe | " + " | ".join(f"Dice {labels[k]}" for k in labels)
-                      + " | mean Dice | Δ vs control | Δ / pooled std | seeds | s / run |",
-                      "|---|" + "---|" * (len(labels) + 5)]
+                      + " | mean Dice | Δ vs control | Δ / pooled std | best validation Dice | seeds | s / run |",
+                      "|---|" + "---|" * (len(labels) + 6)]
             for recipe in recipes_of(regime):
                 mean = values(regime, recipe)
                 delta = ratio = "–"
@@ -439,7 +457,7 @@ class Study:
                 secs = [runs[f"{regime}/{recipe}/seed{s}"]["seconds"] for s in seeds if f"{regime}/{recipe}/seed{s}" in runs]
                 name = recipe if recipe != "no KD" else "no KD (control, labelled slices)"
                 lines.append(f"| {name} | " + " | ".join(fmt(values(regime, recipe, k)) for k in labels)
-                             + f" | **{fmt(mean)}** | {delta} | {ratio} | {len(mean)} | "
+                             + f" | **{fmt(mean)}** | {delta} | {ratio} | {fmt(values(regime, recipe, 'val_best'))} | {len(mean)} | "
                              + (f"{statistics.fmean(secs):.0f}" if secs else "–") + " |")
                 if mean:
                     bars.append((f"({regime}) {recipe}", statistics.fmean(mean),
