@@ -77,6 +77,27 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "logits KD T 1 (weight 3)": ("recipes/kd_logits_t1.json", {"kd_terms#0#weight": 3.0}),
     "logits KD T 1 (weight 10)": ("recipes/kd_logits_t1.json", {"kd_terms#0#weight": 10.0}),
 }
+# The other methods' bundle defaults (run in the regimes that list them under "methods"): bundle, stages run before
+# train.json (each in its own folder under the run's, with the stage's own schedule, the study teacher where it needs
+# one), the overrides that point train.json at the stages' outputs, and, for a method with its own student, its
+# same-steps no-KD control (a method name whose "control" is true). GKD is not among them: its baseline-student, P-SAE
+# and MSAN stages train on every labelled training subject, which a few-labels regime must not give its student.
+METHODS: dict[str, dict] = {
+    "Graph Flow (bundle default)": {"bundle": "graph_flow_segmentation", "stages": ["pretrain_paraphraser.json"],
+                                    "after": {"teacher#paraphraser_dir": "{stage0}"}},
+    # teacher-free self-distillation learns from labels only (its unlabelled recipe swaps in vanilla logits KD): it
+    # trains on the regime's labelled subjects alone, as the no-KD control does
+    "ACW-SKD (bundle default; no teacher)": {
+        "bundle": "acw_skd_segmentation", "own_teacher": True, "labelled_only": True,
+        "set": {"train#dataset#data": "$medkd.data.split_labelled(medkd.data.check_datalist(medkd.data.load_datalist("
+                "@data_list_file_path, 'training', @dataset_dir), @num_classes), @labelled_fraction, @labelled_seed, "
+                "'case')['labelled']", "labelled_fraction": 1.0, "labelled_seed": "@seed"}},
+    "MTMS-CKD (bundle default; own teacher and student)": {
+        "bundle": "mtms_ckd_segmentation", "stages": ["train_teacher.json"], "own_teacher": True,
+        "after": {"teacher_ckpt": "{stage0}/teacher.pt"}, "vs": "MTMS-CKD's student without KD"},
+    "MTMS-CKD's student without KD": {"bundle": "mtms_ckd_segmentation", "configs": ["recipes/no_kd.json"],
+                                      "control": True},
+}
 # A ``labelled_fraction`` regime draws its labelled subjects once, with this seed, for every run seed: the seeds then
 # vary initialisation, augmentation and batch order only, as in the other regimes (which subjects are labelled moves
 # the Dice by more than the seeds do: 0.824 vs 0.809 for two draws, the no-KD student of (e)).
@@ -98,7 +119,7 @@ REGIMES: dict[str, dict] = {
     # (the default demo data, no `--unlabelled`: what `make demo` runs)
     "f": {"title": "(f) 2 labelled + 6 unlabelled subjects (no extra subjects), teacher trained on 8",
           "data": ["recipes/unlabelled.json"], "kind": "unlabelled", "steps": 342, "labelled_fraction": 0.25,
-          "overrides": {"unlabelled_list": "$None"}, "variants": list(VARIANTS)},  # a CLI None is dropped by MONAI
+          "overrides": {"unlabelled_list": "$None"}, "variants": list(VARIANTS), "methods": list(METHODS)},  # a CLI None is dropped by MONAI
 }
 RECIPES: dict[str, str | None] = {
     "no KD": None,
@@ -119,14 +140,16 @@ def _list(value) -> list[str]:
 
 
 def recipes_of(regime: str) -> list[str]:
-    """The recipes a regime runs: every one of ``RECIPES``, then the regime's ``variants``."""
-    return [*RECIPES, *REGIMES[regime].get("variants", [])]
+    """The recipes a regime runs: every one of ``RECIPES``, then the regime's ``variants`` and ``methods``."""
+    return [*RECIPES, *REGIMES[regime].get("variants", []), *REGIMES[regime].get("methods", [])]
 
 
 def recipe_config(name: str) -> tuple[str | None, dict]:
     """(recipe path or "default" or None for the control, config overrides) of a recipe or variant name."""
     if name in RECIPES:
         return RECIPES[name], {}
+    if name in METHODS:
+        return "default", {}
     path, overrides = VARIANTS[name]
     return path, dict(overrides)
 
@@ -309,7 +332,7 @@ class Study:
                 self.state["runs"][key] = {**self.state["runs"][twin], "same_run_as": twin}
                 self.save()
                 return
-        student_def = f"%{bundles_dir() / KD_BUNDLE / 'configs' / 'train.json'}#network_def"
+        student_def = f"%{bundles_dir() / KD_BUNDLE / 'configs' / 'train.json'}#network_def"  # a method may change it
         schedule = {"lr_scheduler#T_max": steps, "train#handlers#0#epoch_level": False}
         dirs = {"ckpt_dir": self.out / folder, "output_dir": self.out / folder / "eval"}
         base = {"dataset_dir": self.data_dir, "num_workers": 0, "resume": True, "seed": seed, **schedule, **dirs}
@@ -319,15 +342,39 @@ class Study:
             if fraction:  # the same labelled subjects as the regime's KD runs
                 configs.append("recipes/labelled_subset.json")
                 overrides.update(labelled_fraction=fraction, labelled_seed=LABELLED_SEED)
+        elif recipe in METHODS and METHODS[recipe].get("control"):  # a method's own student without KD
+            method = METHODS[recipe]
+            bundle, configs = method["bundle"], ["train.json", *method.get("configs", [])]
+            student_def = f"%{bundles_dir() / bundle / 'configs' / 'train.json'}#network_def"
+            epochs = epochs_for(steps, steps_per_epoch("labelled", labelled, 0), f"regime {regime} {recipe}")
+            overrides = {"labelled_fraction": fraction or 1.0, "labelled_seed": LABELLED_SEED}
         else:
-            epochs = epochs_for(steps, steps_per_epoch(spec["kind"], labelled, unlabelled), f"regime {regime} KD runs")
-            configs = ["train.json", *spec["data"], *([] if path == "default" else [path])]
-            bundle, overrides = KD_BUNDLE, {"teacher_ckpt": teacher_ckpt, **spec.get("overrides", {}), **recipe_overrides}
+            method = METHODS.get(recipe, {})
+            bundle = method.get("bundle", KD_BUNDLE)
+            student_def = f"%{bundles_dir() / bundle / 'configs' / 'train.json'}#network_def"
+            if method.get("labelled_only"):
+                epochs = epochs_for(steps, steps_per_epoch("labelled", labelled, 0), f"regime {regime} {recipe}")
+                configs, overrides = ["train.json"], dict(method.get("set", {}))
+            else:
+                epochs = epochs_for(steps, steps_per_epoch(spec["kind"], labelled, unlabelled), f"regime {regime} KD runs")
+                configs = ["train.json", *spec["data"], *([] if path == "default" else [path])]
+                overrides = {**({} if method.get("own_teacher") else {"teacher_ckpt": teacher_ckpt}),
+                             **spec.get("overrides", {}), **recipe_overrides}
             if fraction:
                 overrides.update(labelled_fraction=fraction, labelled_seed=LABELLED_SEED)
+            for i, stage in enumerate(method.get("stages", [])):  # e.g. Graph Flow's paraphrasers, MTMS-CKD's teacher
+                stage_dir = self.out / folder / f"stage{i}"
+                if not (stage_dir / "done").is_file():
+                    _run_bundle(f"stage{i}_{folder.replace('/', '_')}", bundle, ["train.json", stage],
+                                {"dataset_dir": self.data_dir, "num_workers": 0, "resume": True, "seed": seed,
+                                 "ckpt_dir": stage_dir, "output_dir": stage_dir / "eval",
+                                 **({} if method.get("own_teacher") else {"teacher_ckpt": teacher_ckpt})}, self.logs)
+                    (stage_dir / "done").write_text("done\n")
+                overrides.update({k: v.format(**{f"stage{i}": self.out / folder / f"stage{i}"})
+                                  for k, v in method.get("after", {}).items() if f"{{stage{i}}}" in v})
             reads_taps = bool(cache_taps(KD_BUNDLE, [[str(bundles_dir() / KD_BUNDLE / 'configs' / path)]]
                                          if path != "default" else [[]]))
-            if offline and not reads_taps:
+            if offline and not reads_taps and not method:
                 overrides["teacher_cache"] = self.teacher_cache(regime, spec, teacher_ckpt, epochs, seed)
         val_interval = max(1, epochs // 10)
         name = f"train_{folder.replace('/', '_')}"
@@ -440,7 +487,6 @@ class Study:
                       f"{cost['student_ms'] / cost['teacher_ms']:.3f}; {cost.get('note', '')}).", ""]
         bars, findings = [], []
         for regime, spec in REGIMES.items():
-            control = values(regime, "no KD")
             lines += [f"## {spec['title']}: {self.steps[regime]} steps", "",
                       "| recipe | " + " | ".join(f"Dice {labels[k]}" for k in labels)
                       + " | mean Dice | Δ vs control | Δ / pooled std | best validation Dice | seeds | s / run |",
@@ -448,7 +494,9 @@ class Study:
             for recipe in recipes_of(regime):
                 mean = values(regime, recipe)
                 delta = ratio = "–"
-                if recipe != "no KD" and len(mean) > 1 and len(control) > 1:
+                own = METHODS.get(recipe, {})
+                control = values(regime, own.get("vs", "no KD"))  # a method with its own student: its own control
+                if recipe != "no KD" and not own.get("control") and len(mean) > 1 and len(control) > 1:
                     d = statistics.fmean(mean) - statistics.fmean(control)
                     pooled = math.sqrt((statistics.stdev(mean) ** 2 + statistics.stdev(control) ** 2) / 2)
                     delta, ratio = f"{d:+.4f}", f"{d / pooled:+.1f}" if pooled > 0 else "–"
