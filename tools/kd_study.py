@@ -1,6 +1,6 @@
 """Where does KD pay on the demo data? Regimes x recipes x seeds, each KD run beside its same-steps no-KD control.
 
-    python tools/kd_study.py run [--parts e,f,c,d,a,b] [--seeds 0,1,2] [--out results/kd_study] [--commit False]
+    python tools/kd_study.py run [--parts e,f,g,c,d,a,b] [--seeds 0,1,2] [--out results/kd_study] [--commit False]
     python tools/kd_study.py report [--out results/kd_study]      # docs/results.md, .json, .png from stored runs
 
 One teacher (the supervised bundle's default network, MONAI UNet 1.6M) is trained once, for ``teacher_steps``
@@ -19,7 +19,9 @@ labels):
   all 8 (a teacher that knows more than the labels at hand); 342 steps (3 epochs of 114 pairs-batches, 114 of 3);
 - ``f``: as ``e`` without the 32 extra subjects (``unlabelled_list`` null: the 6 training subjects without their labels
   are the unlabelled set): the regime ``make demo`` runs; 342 steps (19 epochs of 18 pairs-batches); the same control
-  runs as ``e``.
+  runs as ``e``;
+- ``g``: as ``e`` with 1 labelled subject (``labelled_fraction`` 0.125), 7 + 32 unlabelled; 468 steps (4 epochs of 117
+  pairs-batches, 234 of 2).
 
 Recipes (``RECIPES``): the no-KD control (the supervised bundle training the same student on the labelled slices for
 the *same number of optimiser steps* as the regime's KD runs: an epoch over 40 subjects is 5x one over 8, so every
@@ -120,6 +122,9 @@ REGIMES: dict[str, dict] = {
     "f": {"title": "(f) 2 labelled + 6 unlabelled subjects (no extra subjects), teacher trained on 8",
           "data": ["recipes/unlabelled.json"], "kind": "unlabelled", "steps": 342, "labelled_fraction": 0.25,
           "overrides": {"unlabelled_list": "$None"}, "variants": list(VARIANTS), "methods": list(METHODS)},  # a CLI None is dropped by MONAI
+    # fewer labels still: 1 labelled subject (24 slices), 7 + 32 unlabelled
+    "g": {"title": "(g) 1 labelled + 39 unlabelled subjects, teacher trained on 8", "data": ["recipes/unlabelled.json"],
+          "kind": "unlabelled", "steps": 468, "labelled_fraction": 0.125, "variants": ["logits KD T 1 (weight 3)"]},
 }
 RECIPES: dict[str, str | None] = {
     "no KD": None,
@@ -446,7 +451,7 @@ class Study:
 
         lines = ["# Where KD pays on the demo data: regimes × recipes × 3 seeds", "",
                  f"Status: {self.status()}. Regenerate (2 CPU cores; every run a few minutes, the matrix in parts):", "",
-                 "```bash", "python tools/kd_study.py run --parts e,f,c,d,a,b --seeds 0,1,2   # resumable; skips finished runs",
+                 "```bash", "python tools/kd_study.py run --parts e,f,g,c,d,a,b --seeds 0,1,2   # resumable; skips finished runs",
                  "python tools/kd_study.py report                                 # this page from docs/results.json",
                  "```", "",
                  "Setup: teacher MONAI UNet 16-32-64-128-256 with 2 residual units (the supervised bundle's default), trained "
@@ -563,7 +568,7 @@ class Study:
         self.save()
 
 
-def run(parts: str | tuple = "e,f,c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
+def run(parts: str | tuple = "e,f,g,c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
         data_dir: str = "data/demo2d_unl32", teacher_steps: int = 1800, offline: bool = True, commit: bool = False,
         max_views: int = 150, doc: str | None = None, steps: dict | None = None, controls_only: bool = False,
         recipes: str | tuple | None = None) -> None:
