@@ -1,9 +1,10 @@
-"""The end-to-end demo behind ``make demo``: teacher vs no-KD student vs EMKD student on the embedded dataset.
+"""The end-to-end demo behind ``make demo``: teacher vs no-KD student vs KD student on the embedded dataset.
 
-Every training and evaluation step is a ``python -m monai.bundle run`` of the repository's bundles (its full
+By default the regime where the KD study (docs/results.md) found distillation pays: few labels, the teacher trained on
+more. Every training and evaluation step is a ``python -m monai.bundle run`` of the repository's bundles (its full
 output goes to ``<out>/logs/<step>.log``; the console gets one line per validation and per step). The baseline
-student is the EMKD bundle's ``network_def`` trained by the supervised bundle with the same schedule, so the
-only difference between the two students is the KD recipe.
+student is the EMKD bundle's ``network_def`` trained by the supervised bundle with the same labels, steps and
+schedule, so the only differences between the two students are the teacher and the unlabelled images.
 """
 
 from __future__ import annotations
@@ -151,12 +152,68 @@ def _figure(datalist: Path, models: dict[str, Path], out_png: Path, rows: int = 
     canvas.save(out_png)
 
 
+def _schedule(steps: int) -> dict:
+    """Overrides that spread the bundles' cosine learning rate over ``steps`` optimiser steps (stepped per iteration),
+    so runs with different epoch lengths share one schedule (as in tools/kd_study.py)."""
+    return {"lr_scheduler#T_max": steps, "train#handlers#0#epoch_level": False}
+
+
+def _runs(regime: str, datalist: Path, out: Path, epochs: int, seed: int, student_steps: int, labelled_fraction: float,
+          kd_recipe: str, kd_weight: float | None) -> tuple[dict, dict[str, str]]:
+    """The demo's trainings ``{name: (bundle, configs, overrides)}`` and their table titles.
+
+    ``few_labels`` (the default, where the KD study found distillation pays): the teacher trains on every labelled
+    training subject; the students keep the labels of ``labelled_fraction`` of them (drawn with ``seed``: the same
+    subjects for both); the no-KD student trains on those alone, the KD student on them plus the other training
+    subjects' images without labels (``recipes/unlabelled.json`` with no extra list) — both ``student_steps``
+    optimiser steps. ``full``: every label for everyone, teacher / no-KD student / EMKD student for ``epochs``."""
+    from medkd.data import load_datalist, split_labelled, steps_per_epoch, epochs_for
+
+    student_def = f"%{bundles_dir() / 'emkd_segmentation' / 'configs' / 'train.json'}#network_def"
+    teacher_ckpt = out / "teacher" / "model.pt"
+    teacher = ("supervised_segmentation", ["train.json"], {"epochs": epochs})
+    if regime == "full":
+        runs = {"teacher": teacher,
+                "baseline": ("supervised_segmentation", ["train.json"], {"network_def": student_def, "epochs": epochs}),
+                "kd": ("emkd_segmentation", ["train.json"], {"teacher_ckpt": teacher_ckpt, "epochs": epochs})}
+        return runs, {"teacher": "teacher (supervised)", "baseline": "student without KD", "kd": "student with EMKD"}
+    if regime != "few_labels":
+        raise ValueError(f"unknown demo regime {regime!r}; choose 'few_labels' or 'full'")
+    split = split_labelled(load_datalist(datalist, "training"), labelled_fraction, seed, "case")
+    n_lab, n_unl = len(split["labelled"]), len(split["unlabelled"])
+    subjects = lambda items: len({i.get("case", i["image"]) for i in items})  # noqa: E731
+    few = {"labelled_fraction": labelled_fraction, **_schedule(student_steps)}
+    control_epochs = epochs_for(student_steps, steps_per_epoch("labelled", n_lab, 0), "the no-KD student")
+    kd_epochs = epochs_for(student_steps, steps_per_epoch("unlabelled", n_lab, n_unl), "the KD student")
+    kd_overrides = {"teacher_ckpt": teacher_ckpt, "unlabelled_list": "$None", "epochs": kd_epochs,
+                    "val_interval": max(1, kd_epochs // 10), **few}
+    if kd_weight is not None:
+        kd_overrides["kd_terms#0#weight"] = kd_weight
+    runs = {"teacher": teacher,
+            "baseline": ("supervised_segmentation", ["train.json", "recipes/labelled_subset.json"],
+                         {"network_def": student_def, "epochs": control_epochs,
+                          "val_interval": max(1, control_epochs // 10), **few}),
+            "kd": ("emkd_segmentation", ["train.json", "recipes/unlabelled.json", kd_recipe], kd_overrides)}
+    name = Path(kd_recipe).stem
+    titles = {"teacher": f"teacher (supervised, {subjects(split['labelled']) + subjects(split['unlabelled'])} labelled subjects)",
+              "baseline": f"student without KD ({subjects(split['labelled'])} labelled subjects)",
+              "kd": f"student with KD ({name}; {subjects(split['labelled'])} labelled + "
+                    f"{subjects(split['unlabelled'])} unlabelled subjects)"}
+    return runs, titles
+
+
 def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, data_dir: Path = Path("data/demo2d"),
-             offline: bool = False, cache_views: int = 8) -> Path:
+             offline: bool = False, cache_views: int = 8, regime: str = "few_labels", student_steps: int = 342,
+             labelled_fraction: float = 0.25, kd_recipe: str = "recipes/kd_logits_t1.json",
+             kd_weight: float | None = None) -> Path:
     """Run the whole demo; returns the path of the markdown results table.
 
-    ``offline``: the EMKD student reads the teacher's outputs from a cache of ``cache_views`` recorded views per
-    training slice, built once right after the teacher (``<out>/teacher_cache``), instead of running the teacher."""
+    ``regime``: ``few_labels`` (default; see :func:`_runs`: teacher on every label, the students on
+    ``labelled_fraction`` of the training subjects' labels for ``student_steps`` optimiser steps, the KD student
+    (``kd_recipe`` in the EMKD bundle, KD weight ``kd_weight`` or the recipe's) also on the other subjects' images)
+    or ``full`` (every label; teacher / no-KD student / EMKD student, ``epochs`` each). ``offline``: the KD student
+    reads the teacher's outputs from a cache of ``cache_views`` recorded views per training item (views cycle),
+    built once right after the teacher (``<out>/teacher_cache``), instead of running the teacher."""
     from medkd.profiling import profile_network
 
     start = time.time()
@@ -164,24 +221,20 @@ def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, dat
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     datalist = _ensure_data(Path(data_dir).resolve(), subjects, seed)
-    student_def = f"%{bundles_dir() / 'emkd_segmentation' / 'configs' / 'train.json'}#network_def"
-    common = {"dataset_dir": datalist.parent, "epochs": epochs, "num_workers": 0, "resume": False}
-    runs = {
-        "teacher": ("supervised_segmentation", {}),
-        "baseline": ("supervised_segmentation", {"network_def": student_def}),
-        "emkd": ("emkd_segmentation", {"teacher_ckpt": out / "teacher" / "model.pt"}),
-    }
+    runs, titles = _runs(regime, datalist, out, epochs, seed, student_steps, labelled_fraction, kd_recipe, kd_weight)
+    common = {"dataset_dir": datalist.parent, "num_workers": 0, "resume": False, "seed": seed}
     timings = {}
-    for name, (bundle, extra) in runs.items():
+    for name, (bundle, configs, extra) in runs.items():
         dirs = {"ckpt_dir": out / name, "output_dir": out / name / "eval"}
-        if offline and name == "emkd":
+        if offline and name == "kd":
             timings["teacher_cache"] = _run_bundle(
-                "cache_teacher", bundle, ["train.json", "cache_teacher.json"],
+                "cache_teacher", bundle, [*configs, "cache_teacher.json"],
                 {**common, **dirs, **extra, "cache_dir": out / "teacher_cache", "cache_views": cache_views,
                  "cache_overwrite": True}, logs)
             extra = {**extra, "teacher_cache": out / "teacher_cache"}
-        timings[name] = _run_bundle(f"train_{name}", bundle, ["train.json"], {**common, **dirs, **extra}, logs)
-    for name, (bundle, extra) in runs.items():
+            titles["kd"] += " (offline, teacher cache)"
+        timings[name] = _run_bundle(f"train_{name}", bundle, configs, {**common, **dirs, **extra}, logs)
+    for name, (bundle, configs, extra) in runs.items():
         dirs = {"ckpt_dir": out / name, "output_dir": out / name / "test", "save_predictions": True}
         overrides = {"dataset_dir": datalist.parent, "num_workers": 0, **dirs}
         if "network_def" in extra:
@@ -192,17 +245,15 @@ def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, dat
     cost = {"repeats": 100, "warmup": 20, "memory": False}  # long runs: the median must outlast VM hiccups
     teacher_cost = profile_network(_network("supervised_segmentation"), (1, 1, 96, 112), **cost)
     student_cost = profile_network(_network("emkd_segmentation"), (1, 1, 96, 112), **cost)
-    costs = {"teacher": teacher_cost, "baseline": student_cost, "emkd": student_cost}  # both students: one network
+    costs = {"teacher": teacher_cost, "baseline": student_cost, "kd": student_cost}  # both students: one network
     labels = {f"class{int(k) - 1}": v for k, v in LABELS.items() if k != "0"}
     rows, results = [], {}
-    titles = {"teacher": "teacher (supervised)", "baseline": "student without KD",
-              "emkd": "student with EMKD" + (" (offline, teacher cache)" if offline else "")}
     for name in runs:
         dice = _summary(out / name / "test", "val_mean_dice")
         hd95 = _summary(out / name / "test", "val_hd95")
         c = costs[name]
-        results[name] = {"dice": {labels[k]: dice[k] for k in labels}, "mean_dice": dice["mean"], "hd95_voxels": hd95["mean"],
-                         "train_seconds": timings[name], **c}
+        results[name] = {"title": titles[name], "dice": {labels[k]: dice[k] for k in labels}, "mean_dice": dice["mean"],
+                         "hd95_voxels": hd95["mean"], "train_seconds": timings[name], **c}
         rows.append(
             f"| {titles[name]} | {c['params'] / 1e3:.1f}k | {c['flops'] / 1e9:.3f} | {c['latency_ms']:.2f} | "
             + " | ".join(f"{dice[k]:.4f}" for k in labels)
@@ -215,20 +266,30 @@ def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, dat
     )
     table = "\n".join([header, "|" + "---|" * (header.count("|") - 1), *rows])
     n_test = len(json.loads(datalist.read_text())["test"])
+    if regime == "full":
+        setup = (f"{epochs} epochs for every model, same optimiser, schedule, batch size and seed; every training label "
+                 "for every model.")
+    else:
+        setup = (f"Few labels: the teacher trained {epochs} epochs on every labelled training subject; both students keep "
+                 f"the labels of {labelled_fraction:.0%} of the training subjects (drawn with seed {seed}, the same for "
+                 f"both) and train exactly {student_steps} optimiser steps (cosine learning rate over those steps, same "
+                 "optimiser, batch size, augmentation and seed); the KD student also sees the other training subjects' "
+                 f"images without their labels and the teacher's outputs on every image ({kd_recipe}"
+                 + (f", KD weight {kd_weight}" if kd_weight is not None else "") + "). Where this pays and where it does "
+                 "not, over 3 seeds and every recipe: docs/results.md.")
     text = "\n".join([
         "# medkd demo results",
         "",
         f"Embedded MNI152 demo dataset ({subjects} pseudo-subjects, seed {seed}, 2 mm axial slices 96x112); "
-        f"test split: {n_test} slices of held-out subjects. {epochs} epochs for every model, same optimiser, schedule, "
-        "batch size and seed. Dice and HD95 (95th percentile Hausdorff distance, in 2 mm voxels) are averaged over test "
+        f"test split: {n_test} slices of held-out subjects. {setup} Dice and HD95 (95th percentile Hausdorff distance, in 2 mm voxels) are averaged over test "
         "slices per class. FLOPs are counted by torch.utils.flop_counter (2 per multiply-accumulate); latency is the "
         "median eval-mode forward time of one slice on this machine's CPU.",
         "",
         table,
         "",
-        "![test slices: image, ground truth, teacher, student without KD, student with EMKD](figure.png)",
+        "![test slices: image, ground truth, teacher, student without KD, student with KD](figure.png)",
         "",
-        *([f"The EMKD student trained from a teacher cache ({cache_views} recorded views per training slice), built "
+        *([f"The KD student trained from a teacher cache ({cache_views} recorded views per training item), built "
            f"once in {timings['teacher_cache']:.0f} s; its training time excludes the build."] if offline else []),
         f"Total demo time: {time.time() - start:.0f} s.",
         "",
