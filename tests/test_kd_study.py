@@ -49,6 +49,7 @@ def test_regime_counts_by_hand(tmp_path):
         assert kd_study.regime_counts(path, kd_study.REGIMES["e"], seed) == (48, 912)
         assert kd_study.regime_counts(path, kd_study.REGIMES["f"], seed) == (48, 144)  # no extra subjects
         assert kd_study.regime_counts(path, kd_study.REGIMES["g"], seed) == (24, 7 * 24 + 768)  # 1 subject labelled
+        assert kd_study.regime_counts(path, kd_study.REGIMES["h"], seed) == (24, 7 * 24)
 
 
 def test_epochs_for_needs_whole_epochs():
@@ -60,7 +61,7 @@ def test_epochs_for_needs_whole_epochs():
 def test_the_demo_regimes_are_whole_epochs_for_control_and_kd():
     """The shipped regimes on the study's data (192 labelled, 768 unlabelled slices): both sides make exactly the
     regime's steps."""
-    counts = {"e": (48, 912), "f": (48, 144), "g": (24, 936)}  # 2 of the 8 subjects keep their labels (test_regime_counts_by_hand)
+    counts = {"e": (48, 912), "f": (48, 144), "g": (24, 936), "h": (24, 168)}  # 2 of the 8 subjects keep their labels (test_regime_counts_by_hand)
     for regime, spec in kd_study.REGIMES.items():
         labelled, unlabelled = counts.get(regime, (192, 768))
         kd = kd_study.steps_per_epoch(spec["kind"], labelled, unlabelled)

@@ -1,6 +1,6 @@
 """Where does KD pay on the demo data? Regimes x recipes x seeds, each KD run beside its same-steps no-KD control.
 
-    python tools/kd_study.py run [--parts e,f,g,c,d,a,b] [--seeds 0,1,2] [--out results/kd_study] [--commit False]
+    python tools/kd_study.py run [--parts g,h,e,f,c,d,a,b] [--seeds 0,1,2] [--out results/kd_study] [--commit False]
     python tools/kd_study.py report [--out results/kd_study]      # docs/results.md, .json, .png from stored runs
 
 One teacher (the supervised bundle's default network, MONAI UNet 1.6M) is trained once, for ``teacher_steps``
@@ -18,10 +18,12 @@ labels):
   every run seed; the control trains on the same 2 with ``recipes/labelled_subset.json``), the other 6 join the 32 unlabelled ones; the teacher was trained on
   all 8 (a teacher that knows more than the labels at hand); 342 steps (3 epochs of 114 pairs-batches, 114 of 3);
 - ``f``: as ``e`` without the 32 extra subjects (``unlabelled_list`` null: the 6 training subjects without their labels
-  are the unlabelled set): the regime ``make demo`` runs; 342 steps (19 epochs of 18 pairs-batches); the same control
+  are the unlabelled set): the default demo data; 342 steps (19 epochs of 18 pairs-batches); the same control
   runs as ``e``;
 - ``g``: as ``e`` with 1 labelled subject (``labelled_fraction`` 0.125), 7 + 32 unlabelled; 468 steps (4 epochs of 117
-  pairs-batches, 234 of 2).
+  pairs-batches, 234 of 2); the other methods' bundle defaults run here (``METHODS``);
+- ``h``: as ``g`` without the extra subjects (1 labelled, 7 unlabelled: the default demo data, what ``make demo`` runs);
+  462 steps (22 epochs of 21, 231 of 2).
 
 Recipes (``RECIPES``): the no-KD control (the supervised bundle training the same student on the labelled slices for
 the *same number of optimiser steps* as the regime's KD runs: an epoch over 40 subjects is 5x one over 8, so every
@@ -98,7 +100,7 @@ METHODS: dict[str, dict] = {
         "bundle": "mtms_ckd_segmentation", "stages": ["train_teacher.json"], "own_teacher": True,
         "after": {"teacher_ckpt": "{stage0}/teacher.pt"}, "vs": "MTMS-CKD's student without KD"},
     "MTMS-CKD's student without KD": {"bundle": "mtms_ckd_segmentation", "configs": ["recipes/no_kd.json"],
-                                      "control": True},
+                                      "control": True, "set": {"train#dataloader#drop_last": False}},  # 24 slices
 }
 # A ``labelled_fraction`` regime draws its labelled subjects once, with this seed, for every run seed: the seeds then
 # vary initialisation, augmentation and batch order only, as in the other regimes (which subjects are labelled moves
@@ -118,13 +120,18 @@ REGIMES: dict[str, dict] = {
           "kind": "unlabelled", "steps": 342, "labelled_fraction": 0.25,
           "variants": list(VARIANTS)},
     # the same few labels without extra subjects: only the 6 training subjects whose labels are dropped are unlabelled
-    # (the default demo data, no `--unlabelled`: what `make demo` runs)
+    # (the default demo data, no `--unlabelled`)
     "f": {"title": "(f) 2 labelled + 6 unlabelled subjects (no extra subjects), teacher trained on 8",
           "data": ["recipes/unlabelled.json"], "kind": "unlabelled", "steps": 342, "labelled_fraction": 0.25,
-          "overrides": {"unlabelled_list": "$None"}, "variants": list(VARIANTS), "methods": list(METHODS)},  # a CLI None is dropped by MONAI
+          "overrides": {"unlabelled_list": "$None"}, "variants": list(VARIANTS)},  # a CLI None is dropped by MONAI
     # fewer labels still: 1 labelled subject (24 slices), 7 + 32 unlabelled
     "g": {"title": "(g) 1 labelled + 39 unlabelled subjects, teacher trained on 8", "data": ["recipes/unlabelled.json"],
-          "kind": "unlabelled", "steps": 468, "labelled_fraction": 0.125, "variants": ["logits KD T 1 (weight 3)"]},
+          "kind": "unlabelled", "steps": 468, "labelled_fraction": 0.125, "variants": ["logits KD T 1 (weight 3)"],
+          "methods": list(METHODS)},
+    # 1 labelled subject, the other 7 training subjects unlabelled, no extra subjects: the default demo data (make demo)
+    "h": {"title": "(h) 1 labelled + 7 unlabelled subjects (no extra subjects), teacher trained on 8",
+          "data": ["recipes/unlabelled.json"], "kind": "unlabelled", "steps": 462, "labelled_fraction": 0.125,
+          "overrides": {"unlabelled_list": "$None"}, "variants": ["logits KD T 1 (weight 3)"]},
 }
 RECIPES: dict[str, str | None] = {
     "no KD": None,
@@ -352,7 +359,7 @@ class Study:
             bundle, configs = method["bundle"], ["train.json", *method.get("configs", [])]
             student_def = f"%{bundles_dir() / bundle / 'configs' / 'train.json'}#network_def"
             epochs = epochs_for(steps, steps_per_epoch("labelled", labelled, 0), f"regime {regime} {recipe}")
-            overrides = {"labelled_fraction": fraction or 1.0, "labelled_seed": LABELLED_SEED}
+            overrides = {"labelled_fraction": fraction or 1.0, "labelled_seed": LABELLED_SEED, **method.get("set", {})}
         else:
             method = METHODS.get(recipe, {})
             bundle = method.get("bundle", KD_BUNDLE)
@@ -451,7 +458,7 @@ class Study:
 
         lines = ["# Where KD pays on the demo data: regimes × recipes × 3 seeds", "",
                  f"Status: {self.status()}. Regenerate (2 CPU cores; every run a few minutes, the matrix in parts):", "",
-                 "```bash", "python tools/kd_study.py run --parts e,f,g,c,d,a,b --seeds 0,1,2   # resumable; skips finished runs",
+                 "```bash", "python tools/kd_study.py run --parts g,h,e,f,c,d,a,b --seeds 0,1,2   # resumable; skips finished runs",
                  "python tools/kd_study.py report                                 # this page from docs/results.json",
                  "```", "",
                  "Setup: teacher MONAI UNet 16-32-64-128-256 with 2 residual units (the supervised bundle's default), trained "
@@ -470,8 +477,15 @@ class Study:
                  "and so do (e) and (f) (the same runs). In (e) and (f) 2 of the 8 training subjects keep their labels "
                  "(drawn once, the same 2 for every seed and for the control: which 2 moves the Dice by more than the seeds "
                  "do), the other 6 lose them and join the unlabelled set ((e): with the 32 extra subjects; (f): alone, "
-                 "the default demo data and what `make demo` runs); the teacher is the same one, trained on all 8 "
-                 "labelled subjects: a teacher that knows more than the labels at hand, as a model-zoo teacher does. "
+                 "the default demo data); the teacher is the same one, trained on all 8 "
+                 "labelled subjects: a teacher that knows more than the labels at hand, as a model-zoo teacher does; (g) "
+                 "is (e) with 1 labelled subject (7 + 32 unlabelled), (h) is (g) without the extra subjects (the default "
+                 "demo data: what `make demo` runs). The other methods' bundle defaults run in (g): Graph Flow after its paraphraser stage (study teacher), ACW-SKD (teacher-free "
+                 "self-distillation: it learns from labels only, so it trains on the 2 labelled subjects alone, like the "
+                 "control), MTMS-CKD with its own multi-task teacher (its stage, on all 8 labelled subjects) and its own "
+                 "student (SmallUNet), compared with that student trained without KD on the same labels and steps; GKD is "
+                 "not run: its baseline-student, P-SAE and MSAN stages train on every labelled training subject, which a "
+                 "few-labels student must not get. "
                  "Variants: a recipe with its KD term's weight overridden (`--kd_terms#0#weight`); the bundles' weights "
                  "make the weighted KD term ~0.5x the task loss at the first iteration, which leaves the task loss on "
                  "the 2 labelled subjects in charge. Wall times were measured while other jobs shared the 2 cores: "
@@ -568,7 +582,7 @@ class Study:
         self.save()
 
 
-def run(parts: str | tuple = "e,f,g,c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
+def run(parts: str | tuple = "g,h,e,f,c,d,a,b", seeds: str | tuple = "0,1,2", out: str = "results/kd_study",
         data_dir: str = "data/demo2d_unl32", teacher_steps: int = 1800, offline: bool = True, commit: bool = False,
         max_views: int = 150, doc: str | None = None, steps: dict | None = None, controls_only: bool = False,
         recipes: str | tuple | None = None) -> None:

@@ -48,13 +48,13 @@ def prepare(dataset: str, out: str, src: str | None = None, **options) -> None:
 
 
 def demo(out: str = "demo_results", epochs: int = 30, subjects: int = 12, seed: int = 0, data: str = "data/demo2d",
-         offline: bool = False, cache_views: int = 8, regime: str = "few_labels", student_steps: int = 342,
-         labelled_fraction: float = 0.25, kd_recipe: str = "recipes/kd_logits_t1.json", kd_weight=None) -> None:
+         offline: bool = False, cache_views: int = 8, regime: str = "few_labels", student_steps: int = 462,
+         labelled_fraction: float = 0.125, kd_recipe: str = "recipes/kd_logits_t1.json", kd_weight=3.0) -> None:
     """The end-to-end demo: data -> teacher -> student without KD -> student with KD -> evaluation table and figure.
 
     ``--regime few_labels`` (default): the students keep the labels of ``labelled_fraction`` of the training subjects
     and train ``student_steps`` optimiser steps; the KD student (``kd_recipe`` of the EMKD bundle, ``kd_weight`` or the
-    recipe's weight) also learns from the teacher on the other subjects' images (docs/results.md, regime (f)).
+    recipe's weight) also learns from the teacher on the other subjects' images (docs/results.md, regime (h): 1 labelled subject, logits KD T 1 at weight 3).
     ``--regime full``: every label, teacher / no-KD student / EMKD student for ``epochs`` each. ``--offline``: the KD
     student trains from a teacher cache (``cache_views`` recorded views), built once after the teacher
     (docs/offline_kd.md)."""

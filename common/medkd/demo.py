@@ -181,7 +181,9 @@ def _runs(regime: str, datalist: Path, out: Path, epochs: int, seed: int, studen
         raise ValueError(f"unknown demo regime {regime!r}; choose 'few_labels' or 'full'")
     split = split_labelled(load_datalist(datalist, "training"), labelled_fraction, seed, "case")
     n_lab, n_unl = len(split["labelled"]), len(split["unlabelled"])
-    subjects = lambda items: len({i.get("case", i["image"]) for i in items})  # noqa: E731
+    def subjects(items) -> str:
+        n = len({i.get("case", i["image"]) for i in items})
+        return f"{n} subject" + ("" if n == 1 else "s")
     few = {"labelled_fraction": labelled_fraction, **_schedule(student_steps)}
     control_epochs = epochs_for(student_steps, steps_per_epoch("labelled", n_lab, 0), "the no-KD student")
     kd_epochs = epochs_for(student_steps, steps_per_epoch("unlabelled", n_lab, n_unl), "the KD student")
@@ -195,17 +197,18 @@ def _runs(regime: str, datalist: Path, out: Path, epochs: int, seed: int, studen
                           "val_interval": max(1, control_epochs // 10), **few}),
             "kd": ("emkd_segmentation", ["train.json", "recipes/unlabelled.json", kd_recipe], kd_overrides)}
     name = Path(kd_recipe).stem
-    titles = {"teacher": f"teacher (supervised, {subjects(split['labelled']) + subjects(split['unlabelled'])} labelled subjects)",
-              "baseline": f"student without KD ({subjects(split['labelled'])} labelled subjects)",
+    every = len({i.get("case", i["image"]) for i in [*split["labelled"], *split["unlabelled"]]})
+    titles = {"teacher": f"teacher (supervised, {every} labelled subjects)",
+              "baseline": f"student without KD ({subjects(split['labelled'])} labelled)",
               "kd": f"student with KD ({name}; {subjects(split['labelled'])} labelled + "
-                    f"{subjects(split['unlabelled'])} unlabelled subjects)"}
+                    f"{subjects(split['unlabelled'])} without labels)"}
     return runs, titles
 
 
 def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, data_dir: Path = Path("data/demo2d"),
-             offline: bool = False, cache_views: int = 8, regime: str = "few_labels", student_steps: int = 342,
-             labelled_fraction: float = 0.25, kd_recipe: str = "recipes/kd_logits_t1.json",
-             kd_weight: float | None = None) -> Path:
+             offline: bool = False, cache_views: int = 8, regime: str = "few_labels", student_steps: int = 462,
+             labelled_fraction: float = 0.125, kd_recipe: str = "recipes/kd_logits_t1.json",
+             kd_weight: float | None = 3.0) -> Path:
     """Run the whole demo; returns the path of the markdown results table.
 
     ``regime``: ``few_labels`` (default; see :func:`_runs`: teacher on every label, the students on
