@@ -159,7 +159,7 @@ def _schedule(steps: int) -> dict:
 
 
 def _runs(regime: str, datalist: Path, out: Path, epochs: int, seed: int, student_steps: int, labelled_fraction: float,
-          kd_recipe: str, kd_weight: float | None) -> tuple[dict, dict[str, str]]:
+          kd_recipe: str, kd_weight: float | None, batch_size: int = 16) -> tuple[dict, dict[str, str]]:
     """The demo's trainings ``{name: (bundle, configs, overrides)}`` and their table titles.
 
     ``few_labels`` (the default, where the KD study found distillation pays): the teacher trains on every labelled
@@ -184,9 +184,9 @@ def _runs(regime: str, datalist: Path, out: Path, epochs: int, seed: int, studen
     def subjects(items) -> str:
         n = len({i.get("case", i["image"]) for i in items})
         return f"{n} subject" + ("" if n == 1 else "s")
-    few = {"labelled_fraction": labelled_fraction, **_schedule(student_steps)}
-    control_epochs = epochs_for(student_steps, steps_per_epoch("labelled", n_lab, 0), "the no-KD student")
-    kd_epochs = epochs_for(student_steps, steps_per_epoch("unlabelled", n_lab, n_unl), "the KD student")
+    few = {"labelled_fraction": labelled_fraction, "batch_size": batch_size, **_schedule(student_steps)}
+    control_epochs = epochs_for(student_steps, steps_per_epoch("labelled", n_lab, 0, batch_size), "the no-KD student")
+    kd_epochs = epochs_for(student_steps, steps_per_epoch("unlabelled", n_lab, n_unl, batch_size), "the KD student")
     kd_overrides = {"teacher_ckpt": teacher_ckpt, "unlabelled_list": "$None", "epochs": kd_epochs,
                     "val_interval": max(1, kd_epochs // 10), **few}
     if kd_weight is not None:
