@@ -2,6 +2,7 @@
 
     python tools/kd_study.py run [--parts g,h,e,f,c,d,a,b] [--seeds 0,1,2] [--out results/kd_study] [--commit False]
     python tools/kd_study.py report [--out results/kd_study]      # docs/results.md, .json, .png from stored runs
+    python tools/kd_study.py lead                                 # the README's table: few labels, no KD vs KD
 
 One teacher (the supervised bundle's default network, MONAI UNet 1.6M) is trained once, for ``teacher_steps``
 optimiser steps (its validation curve goes into the doc), and serves every regime. The student is the EMKD bundle's
@@ -530,7 +531,9 @@ class Study:
                     bars.append((f"({regime}) {recipe}", statistics.fmean(mean),
                                  statistics.stdev(mean) if len(mean) > 1 else 0.0))
             lines.append("")
-        lines += ["## Findings (computed from the tables)", ""]
+        lines += ["## Findings (computed from the tables)", "",
+                  "Few labels, a teacher trained on more (logits KD T 1 at weight 3 against the same-steps control):", "",
+                  self.lead_table(), ""]
         wins = [f for f in findings if f[2] > 2 * f[3]]
         if findings:
             lines += [f"- ({r}) {n}: Δ {d:+.4f} (pooled std {p:.4f}) — " + ("**beats its same-steps control by more than 2 "
@@ -553,6 +556,25 @@ class Study:
         if bars:
             chart(bars, self.doc.with_suffix(".png"), "KD study: mean test Dice (± std over seeds)")
         return self.doc
+
+    def lead_table(self, regimes: str = "g,h,e,f", recipe: str = "logits KD T 1 (weight 3)") -> str:
+        """Markdown: per few-labels regime, the no-KD control and ``recipe`` (mean ± std over the recorded seeds), the
+        difference and its size in pooled seed std (the README's lead; regenerate with ``kd_study.py lead``)."""
+        runs, seeds = self.state["runs"], self.state.get("seeds", [0, 1, 2])
+        rows = ["| regime | no KD | " + recipe + " | Δ | Δ / pooled std | seeds |", "|---|---|---|---|---|---|"]
+        for regime in _list(regimes):
+            get = lambda r: [runs[k]["dice"]["mean"] for s in seeds for k in [f"{regime}/{r}/seed{s}"] if k in runs]  # noqa: E731
+            control, kd = get("no KD"), get(recipe)
+            if not control or not kd:
+                continue
+            fmt = lambda v: f"{statistics.fmean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"  # noqa: E731
+            d = statistics.fmean(kd) - statistics.fmean(control)
+            pooled = (math.sqrt((statistics.stdev(kd) ** 2 + statistics.stdev(control) ** 2) / 2)
+                      if len(kd) > 1 and len(control) > 1 else 0.0)
+            title = REGIMES[regime]["title"]
+            rows.append(f"| {title} | {fmt(control)} | **{fmt(kd)}** | {d:+.3f} | "
+                        + (f"{d / pooled:+.1f}" if pooled else "–") + f" | {min(len(control), len(kd))} |")
+        return "\n".join(rows)
 
     def measure_cost(self) -> None:
         """Parameters and single-thread CPU latency (median of 50 forwards of one 96x112 slice) of student and teacher."""
@@ -613,10 +635,16 @@ def run(parts: str | tuple = "g,h,e,f,c,d,a,b", seeds: str | tuple = "0,1,2", ou
         study.commit(f"docs/results: KD study ({study.status()})")
 
 
+def lead(out: str = "results/kd_study", doc: str | None = None, regimes: str = "g,h,e,f",
+         recipe: str = "logits KD T 1 (weight 3)") -> None:
+    """Print the README's lead table (few-labels regimes: control vs ``recipe``) from the JSON beside ``doc``."""
+    print(Study(out, doc=doc).lead_table(",".join(_list(regimes)), recipe))
+
+
 def report(out: str = "results/kd_study", doc: str | None = None) -> None:
     """Regenerate ``docs/results.md`` (or ``doc``) and its chart from the JSON beside it."""
     print(Study(out, doc=doc).report())
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "report": report})
+    fire.Fire({"run": run, "report": report, "lead": lead})
