@@ -204,6 +204,13 @@ def validation_curve(log: Path) -> list[tuple[int, float]]:
     return sorted(curve.items())
 
 
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters (``[``, ``]``, ``*``, ``?``) matched literally."""
+    import glob
+
+    return glob.escape(name)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -397,6 +404,9 @@ class Study:
             return
         busy.parent.mkdir(parents=True, exist_ok=True)
         busy.write_text(str(os.getpid()))
+        log = self.logs / f"{name}.log"
+        if log.is_file():  # an interrupted run resumes: keep the earlier part of its log (first iteration, curve)
+            log.rename(self.logs / f"{name}.part{len(list(self.logs.glob(f'{glob_escape(name)}.part*.log')))}.log")
         start = time.time()
         try:
             _run_bundle(name, bundle, configs, {**base, **overrides, "epochs": epochs, "val_interval": val_interval},
@@ -408,8 +418,9 @@ class Study:
         if made != steps:
             raise RuntimeError(f"{key}: the log shows {made} optimiser steps, the regime asks for {steps}")
         dice = self.evaluate(folder, {"network_def": student_def})
-        first = first_iteration_scalars(self.logs / f"{name}.log") if path is not None else {}
-        curve = validation_curve(self.logs / f"{name}.log")
+        parts = [*sorted(self.logs.glob(f"{glob_escape(name)}.part*.log")), log]
+        first = first_iteration_scalars(parts[0]) if path is not None else {}
+        curve = [point for part in parts for point in validation_curve(part)]
         self.state["runs"][key] = {"dice": dice, "steps": made, "epochs": epochs, "seconds": round(seconds, 1),
                                    "val_best": max(d for _, d in curve) if curve else None,
                                    "offline": "teacher_cache" in overrides, "first_iteration": first}
