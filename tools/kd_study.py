@@ -142,6 +142,7 @@ RECIPES: dict[str, str | None] = {
     "soft-label Dice": "recipes/kd_soft_dice.json",
     "EMKD": "default",
 }
+_FIRST = re.compile(r"Epoch: 1/\d+, Iter: 1/\d+ --")  # the first iteration's line (medkd.demo.first_iteration_scalars)
 ITER_LINE = re.compile(r"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+) --")
 VAL_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- .*val_mean_dice: ([0-9.]+)")
 
@@ -414,12 +415,13 @@ class Study:
         finally:
             busy.unlink(missing_ok=True)
         seconds = time.time() - start
-        made = logged_steps(self.logs / f"{name}.log")
+        parts = [*sorted(self.logs.glob(f"{glob_escape(name)}.part*.log")), log]  # a resumed run's earlier logs first
+        made = next((logged_steps(part) for part in reversed(parts) if ITER_LINE.search(part.read_text())), 0)
         if made != steps:
             raise RuntimeError(f"{key}: the log shows {made} optimiser steps, the regime asks for {steps}")
         dice = self.evaluate(folder, {"network_def": student_def})
-        parts = [*sorted(self.logs.glob(f"{glob_escape(name)}.part*.log")), log]
-        first = first_iteration_scalars(parts[0]) if path is not None else {}
+        first = next((first_iteration_scalars(part) for part in parts if _FIRST.search(part.read_text())), {})
+        first = first if path is not None else {}
         curve = [point for part in parts for point in validation_curve(part)]
         self.state["runs"][key] = {"dice": dice, "steps": made, "epochs": epochs, "seconds": round(seconds, 1),
                                    "val_best": max(d for _, d in curve) if curve else None,
