@@ -436,8 +436,8 @@ class Study:
         seeds = self.state.get("seeds", [0, 1, 2])
         done, pending = [], []
         for regime in REGIMES:
-            n = sum(f"{regime}/{r}/seed{s}" in self.state["runs"] for r in RECIPES for s in seeds)
-            total = len(RECIPES) * len(seeds)
+            n = sum(f"{regime}/{r}/seed{s}" in self.state["runs"] for r in recipes_of(regime) for s in seeds)
+            total = len(recipes_of(regime)) * len(seeds)
             (done if n == total else pending).append(f"({regime})" + ("" if n in (0, total) else f" ({n} of {total} runs done)"))
         return f"regimes {', '.join(done) or 'none'} done; {', '.join(pending) or 'none'} pending"
 
