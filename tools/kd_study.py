@@ -502,7 +502,8 @@ class Study:
                  "few-labels student must not get. "
                  "Variants: a recipe with its KD term's weight overridden (`--kd_terms#0#weight`); the bundles' weights "
                  "make the weighted KD term ~0.5x the task loss at the first iteration, which leaves the task loss on "
-                 "the 2 labelled subjects in charge. Wall times were measured while other jobs shared the 2 cores: "
+                 "the 2 labelled subjects in charge; weight 3 was picked on (f), seed 0 (weights 1, 3 and 10 tried there), before any "
+                 "(g) or (h) run, and every variant run is listed. Wall times were measured while other jobs shared the 2 cores: "
                  "indicative only.", ""]
         if teacher:
             t = teacher["dice"]
