@@ -48,6 +48,7 @@ the same seed and schedule, and its checkpoint hash is compared with the one rec
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -65,7 +66,7 @@ from compare_recipes import cache_taps, chart  # noqa: E402  (the same chart and
 
 from medkd.data.demo import LABELS  # noqa: E402
 from medkd.data.semi import epochs_for, steps_per_epoch  # noqa: E402,F401  (schedules in optimiser steps)
-from medkd.demo import _run_bundle, _summary, bundles_dir, first_iteration_scalars  # noqa: E402
+from medkd.demo import _run_bundle, _schedule, _summary, bundles_dir, first_iteration_scalars  # noqa: E402
 from medkd.io import file_sha256  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +143,6 @@ RECIPES: dict[str, str | None] = {
     "soft-label Dice": "recipes/kd_soft_dice.json",
     "EMKD": "default",
 }
-_FIRST = re.compile(r"Epoch: 1/\d+, Iter: 1/\d+ --")  # the first iteration's line (medkd.demo.first_iteration_scalars)
 ITER_LINE = re.compile(r"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+) --")
 VAL_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- .*val_mean_dice: ([0-9.]+)")
 
@@ -203,13 +203,6 @@ def validation_curve(log: Path) -> list[tuple[int, float]]:
         if m:
             curve[int(m.group(1))] = float(m.group(2))
     return sorted(curve.items())
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob's special characters (``[``, ``]``, ``*``, ``?``) matched literally."""
-    import glob
-
-    return glob.escape(name)
 
 
 def _alive(pid: int) -> bool:
@@ -354,7 +347,7 @@ class Study:
                 self.save()
                 return
         student_def = f"%{bundles_dir() / KD_BUNDLE / 'configs' / 'train.json'}#network_def"  # a method may change it
-        schedule = {"lr_scheduler#T_max": steps, "train#handlers#0#epoch_level": False}
+        schedule = _schedule(steps)
         dirs = {"ckpt_dir": self.out / folder, "output_dir": self.out / folder / "eval"}
         base = {"dataset_dir": self.data_dir, "num_workers": 0, "resume": True, "seed": seed, **schedule, **dirs}
         if path is None:  # the no-KD control: the same student, labelled slices, the same number of steps
@@ -407,7 +400,7 @@ class Study:
         busy.write_text(str(os.getpid()))
         log = self.logs / f"{name}.log"
         if log.is_file():  # an interrupted run resumes: keep the earlier part of its log (first iteration, curve)
-            log.rename(self.logs / f"{name}.part{len(list(self.logs.glob(f'{glob_escape(name)}.part*.log')))}.log")
+            log.rename(self.logs / f"{name}.part{len(list(self.logs.glob(f'{glob.escape(name)}.part*.log')))}.log")
         start = time.time()
         try:
             _run_bundle(name, bundle, configs, {**base, **overrides, "epochs": epochs, "val_interval": val_interval},
@@ -415,13 +408,18 @@ class Study:
         finally:
             busy.unlink(missing_ok=True)
         seconds = time.time() - start
-        parts = [*sorted(self.logs.glob(f"{glob_escape(name)}.part*.log")), log]  # a resumed run's earlier logs first
+        parts = [*sorted(self.logs.glob(f"{glob.escape(name)}.part*.log")), log]  # a resumed run's earlier logs first
         made = next((logged_steps(part) for part in reversed(parts) if ITER_LINE.search(part.read_text())), 0)
         if made != steps:
             raise RuntimeError(f"{key}: the log shows {made} optimiser steps, the regime asks for {steps}")
         dice = self.evaluate(folder, {"network_def": student_def})
-        first = next((first_iteration_scalars(part) for part in parts if _FIRST.search(part.read_text())), {})
-        first = first if path is not None else {}
+        first = {}
+        for part in parts if path is not None else []:  # the first part that holds the first iteration's line
+            try:
+                first = first_iteration_scalars(part)
+                break
+            except ValueError:
+                continue
         curve = [point for part in parts for point in validation_curve(part)]
         self.state["runs"][key] = {"dice": dice, "steps": made, "epochs": epochs, "seconds": round(seconds, 1),
                                    "val_best": max(d for _, d in curve) if curve else None,
@@ -495,7 +493,7 @@ class Study:
                  "labelled subjects: a teacher that knows more than the labels at hand, as a model-zoo teacher does; (g) "
                  "is (e) with 1 labelled subject (7 + 32 unlabelled), (h) is (g) without the extra subjects (the default "
                  "demo data: what `make demo` runs). The other methods' bundle defaults run in (g): Graph Flow after its paraphraser stage (study teacher), ACW-SKD (teacher-free "
-                 "self-distillation: it learns from labels only, so it trains on the 2 labelled subjects alone, like the "
+                 "self-distillation: it learns from labels only, so it trains on the labelled subject alone, like the "
                  "control), MTMS-CKD with its own multi-task teacher (its stage, on all 8 labelled subjects) and its own "
                  "student (SmallUNet), compared with that student trained without KD on the same labels and steps; GKD is "
                  "not run: its baseline-student, P-SAE and MSAN stages train on every labelled training subject, which a "
