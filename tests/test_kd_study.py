@@ -52,6 +52,19 @@ def test_regime_counts_by_hand(tmp_path):
         assert kd_study.regime_counts(path, kd_study.REGIMES["h"], seed) == (24, 7 * 24)
 
 
+def test_logged_seconds_spans_the_timestamped_lines(tmp_path):
+    """An interrupted run's earlier log part counts from its first to its last timestamped line (by hand: 1 min 2.5 s)."""
+    log = tmp_path / "train.part0.log"
+    log.write_text("python -m monai.bundle run ...\n\n"
+                   "2026-12-06 08:10:16,250 - INFO - Epoch: 1/150, Iter: 1/12 -- loss: 0.6\n"
+                   "a line without a time\n"
+                   "2026-12-06 08:10:59,000 - INFO - Epoch[1] Metrics -- train_mean_dice: 0.4\n"
+                   "2026-12-06 08:11:18,750 - INFO - Epoch: 2/150, Iter: 1/12 -- loss: 0.4\n")
+    assert kd_study.logged_seconds(log) == pytest.approx(62.5)
+    log.write_text("no timestamps\n")
+    assert kd_study.logged_seconds(log) == 0.0
+
+
 def test_epochs_for_needs_whole_epochs():
     assert kd_study.epochs_for(384, 96, "x") == 4 and kd_study.epochs_for(384, 12, "x") == 32
     with pytest.raises(ValueError, match="360 steps is not a whole number of epochs of 96"):

@@ -48,6 +48,7 @@ the same seed and schedule, and its checkpoint hash is compared with the one rec
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import math
@@ -144,6 +145,7 @@ RECIPES: dict[str, str | None] = {
     "EMKD": "default",
 }
 ITER_LINE = re.compile(r"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+) --")
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")  # the logging module's asctime
 VAL_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- .*val_mean_dice: ([0-9.]+)")
 
 
@@ -203,6 +205,14 @@ def validation_curve(log: Path) -> list[tuple[int, float]]:
         if m:
             curve[int(m.group(1))] = float(m.group(2))
     return sorted(curve.items())
+
+
+def logged_seconds(log: Path) -> float:
+    """Seconds between the first and the last timestamped line of a log (an interrupted run's earlier part: the time it
+    trained before the interruption, so a resumed run's wall time counts every part)."""
+    stamps = [datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+              for m in map(STAMP.match, Path(log).read_text().splitlines()) if m]
+    return (stamps[-1] - stamps[0]).total_seconds() if stamps else 0.0
 
 
 def _alive(pid: int) -> bool:
@@ -407,8 +417,8 @@ class Study:
                         self.logs)
         finally:
             busy.unlink(missing_ok=True)
-        seconds = time.time() - start
         parts = [*sorted(self.logs.glob(f"{glob.escape(name)}.part*.log")), log]  # a resumed run's earlier logs first
+        seconds = time.time() - start + sum(logged_seconds(part) for part in parts[:-1])
         made = next((logged_steps(part) for part in reversed(parts) if ITER_LINE.search(part.read_text())), 0)
         if made != steps:
             raise RuntimeError(f"{key}: the log shows {made} optimiser steps, the regime asks for {steps}")

@@ -2,7 +2,7 @@
 
     python -m medkd prepare demo --out DIR [--subjects 12] [--seed 0] [--dims 2|3] [--spacing 2.0]
     python -m medkd demo [--out demo_results] [--epochs 30] [--regime few_labels|full] [--kd_recipe R] [--kd_weight W]
-                         [--offline] [--cache_views 8]
+                         [--offline] [--cache_views 8] [--teacher auto|train|rebuild]
     python -m medkd profile TARGET [TARGET ...] [--size 256,256] [--pairs T/S,...] [--out profile.md]
     python -m medkd export-bundle bundles/NAME --out DIR [--version X] [--ckpt PATH] [--teacher PATH] [--overwrite]
     python -m medkd cache-teacher bundles/NAME [--out DIR] [--recipe R.json] [--views 8] [--taps low,high] [--KEY VALUE]
@@ -49,7 +49,8 @@ def prepare(dataset: str, out: str, src: str | None = None, **options) -> None:
 
 def demo(out: str = "demo_results", epochs: int = 30, subjects: int = 12, seed: int = 0, data: str = "data/demo2d",
          offline: bool = False, cache_views: int = 8, regime: str = "few_labels", student_steps: int = 462,
-         labelled_fraction: float = 0.125, kd_recipe: str = "recipes/kd_logits_t1.json", kd_weight=3.0) -> None:
+         labelled_fraction: float = 0.125, kd_recipe: str = "recipes/kd_logits_t1.json", kd_weight=3.0,
+         teacher: str = "auto") -> None:
     """The end-to-end demo: data -> teacher -> student without KD -> student with KD -> evaluation table and figure.
 
     ``--regime few_labels`` (default): the students keep the labels of ``labelled_fraction`` of the training subjects
@@ -57,12 +58,14 @@ def demo(out: str = "demo_results", epochs: int = 30, subjects: int = 12, seed: 
     recipe's weight) also learns from the teacher on the other subjects' images (docs/results.md, regime (h): 1 labelled subject, logits KD T 1 at weight 3).
     ``--regime full``: every label, teacher / no-KD student / EMKD student for ``epochs`` each. ``--offline``: the KD
     student trains from a teacher cache (``cache_views`` recorded views), built once after the teacher
-    (docs/offline_kd.md)."""
+    (docs/offline_kd.md). ``--teacher auto`` (default) uses the shipped teacher checkpoint when it was trained on this
+    data with this teacher config, epochs and seed (else trains it); ``train`` always trains it; ``rebuild`` trains it
+    and writes it as the shipped checkpoint."""
     from medkd.demo import run_demo
 
     run_demo(Path(out), epochs=epochs, subjects=subjects, seed=seed, data_dir=Path(data), offline=offline,
              cache_views=cache_views, regime=regime, student_steps=student_steps, labelled_fraction=labelled_fraction,
-             kd_recipe=kd_recipe, kd_weight=None if kd_weight is None else float(kd_weight))
+             kd_recipe=kd_recipe, kd_weight=None if kd_weight is None else float(kd_weight), teacher=teacher)
 
 
 def _as_list(value) -> list:

@@ -21,10 +21,16 @@ import numpy as np
 
 from medkd.data.demo import LABELS
 
-__all__ = ["run_demo", "bundles_dir", "first_iteration_scalars"]
+__all__ = ["run_demo", "bundles_dir", "first_iteration_scalars", "SHIPPED_TEACHER", "teacher_fingerprint",
+           "shipped_teacher"]
 
 EVAL_LINE = ("Epoch[", "Metrics --")
 COLORS = {1: (255, 160, 0), 2: (40, 170, 255)}  # grey matter orange, white matter blue
+# The demo's teacher, shipped so that `make demo` need not train it (network weights only, the file the supervised
+# bundle writes as model.pt) and its record (.json: what it was trained on, how long, the command that rebuilds it).
+SHIPPED_TEACHER = Path(__file__).resolve().parent / "assets" / "demo_teacher.pt"
+TEACHER_BUNDLE = "supervised_segmentation"
+REBUILD_COMMAND = "python -m medkd demo --teacher rebuild"
 
 
 def bundles_dir() -> Path:
@@ -75,6 +81,51 @@ def _ensure_data(data_dir: Path, subjects: int, seed: int) -> Path:
     path = prepare_demo(data_dir, subjects=subjects, seed=seed, dims=2)
     print(f"[data] done in {time.time() - start:.0f} s", flush=True)
     return path
+
+
+def teacher_fingerprint(datalist: Path, epochs: int, seed: int) -> dict:
+    """What the demo's teacher depends on: the teacher bundle's ``train.json`` (sha256), the bytes of every training and
+    validation file of the datalist (one sha256 over their relative paths and contents), ``epochs`` and ``seed``, and
+    the torch / MONAI versions (recorded, not compared: another build may round differently)."""
+    import hashlib
+
+    import monai
+    import torch
+
+    from medkd.io import file_sha256
+
+    datalist = Path(datalist)
+    lists = json.loads(datalist.read_text())
+    digest = hashlib.sha256()
+    for key in ("training", "validation"):
+        for item in lists.get(key, []):
+            for field in ("image", "label"):
+                if field in item:
+                    digest.update(f"{key}/{field}/{item[field]}:".encode())
+                    digest.update(file_sha256(datalist.parent / item[field]).encode())
+    config = bundles_dir() / TEACHER_BUNDLE / "configs" / "train.json"
+    return {"bundle": TEACHER_BUNDLE, "config_sha256": file_sha256(config), "data_sha256": digest.hexdigest(),
+            "epochs": int(epochs), "seed": int(seed), "torch": torch.__version__, "monai": monai.__version__}
+
+
+def shipped_teacher(fingerprint: dict, path: Path | None = None) -> tuple[Path | None, str]:
+    """The shipped teacher checkpoint (``path``, default ``SHIPPED_TEACHER``) when its record matches ``fingerprint``
+    (bundle config, data, epochs, seed), else ``None``; with the reason either way (printed by the demo)."""
+    path = Path(path) if path is not None else SHIPPED_TEACHER
+    record_path = path.with_suffix(".json")
+    if not path.is_file() or not record_path.is_file():
+        return None, f"no shipped teacher at {path}"
+    record = json.loads(record_path.read_text())
+    from medkd.io import file_sha256
+
+    if record.get("sha256") != file_sha256(path):
+        return None, f"{path.name} does not match the sha256 of its record {record_path.name}"
+    differ = [k for k in ("bundle", "config_sha256", "data_sha256", "epochs", "seed") if record.get(k) != fingerprint[k]]
+    if differ:
+        return None, (f"the shipped teacher was trained with another {', '.join(differ)} than this demo uses "
+                      f"(rebuild it: {REBUILD_COMMAND})")
+    return path, (f"using the shipped teacher {path.name} (trained {record['epochs']} epochs in "
+                  f"{record['train_seconds']:.0f} s by `{REBUILD_COMMAND}`; --teacher train trains it here)")
 
 
 def _summary(eval_dir: Path, metric: str) -> dict[str, float]:
@@ -208,7 +259,7 @@ def _runs(regime: str, datalist: Path, out: Path, epochs: int, seed: int, studen
 def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, data_dir: Path = Path("data/demo2d"),
              offline: bool = False, cache_views: int = 8, regime: str = "few_labels", student_steps: int = 462,
              labelled_fraction: float = 0.125, kd_recipe: str = "recipes/kd_logits_t1.json",
-             kd_weight: float | None = 3.0) -> Path:
+             kd_weight: float | None = 3.0, teacher: str = "auto") -> Path:
     """Run the whole demo; returns the path of the markdown results table.
 
     ``regime``: ``few_labels`` (default; see :func:`_runs`: teacher on every label, the students on
@@ -216,9 +267,15 @@ def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, dat
     (``kd_recipe`` in the EMKD bundle, KD weight ``kd_weight`` or the recipe's) also on the other subjects' images)
     or ``full`` (every label; teacher / no-KD student / EMKD student, ``epochs`` each). ``offline``: the KD student
     reads the teacher's outputs from a cache of ``cache_views`` recorded views per training item (views cycle),
-    built once right after the teacher (``<out>/teacher_cache``), instead of running the teacher."""
+    built once right after the teacher (``<out>/teacher_cache``), instead of running the teacher. ``teacher``:
+    ``auto`` uses the shipped teacher checkpoint (``SHIPPED_TEACHER``) when its record matches this demo's data, teacher
+    config, epochs and seed, and trains the teacher otherwise; ``train`` always trains it; ``rebuild`` trains it and
+    writes it, with its record, as the shipped checkpoint."""
+    from medkd.io import atomic_write_bytes, file_sha256
     from medkd.profiling import profile_network
 
+    if teacher not in ("auto", "train", "rebuild"):
+        raise ValueError(f"unknown teacher mode {teacher!r}; choose 'auto', 'train' or 'rebuild'")
     start = time.time()
     out = Path(out).resolve()
     logs = out / "logs"
@@ -226,9 +283,19 @@ def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, dat
     datalist = _ensure_data(Path(data_dir).resolve(), subjects, seed)
     runs, titles = _runs(regime, datalist, out, epochs, seed, student_steps, labelled_fraction, kd_recipe, kd_weight)
     common = {"dataset_dir": datalist.parent, "num_workers": 0, "resume": False, "seed": seed}
-    timings = {}
+    timings, shipped = {}, None
+    fingerprint = teacher_fingerprint(datalist, epochs, seed)
+    if teacher == "auto":
+        shipped, why = shipped_teacher(fingerprint)
+        print(f"[teacher] {why}" + ("" if shipped else "; training the teacher"), flush=True)
     for name, (bundle, configs, extra) in runs.items():
         dirs = {"ckpt_dir": out / name, "output_dir": out / name / "eval"}
+        if name == "teacher" and shipped is not None:
+            (out / "teacher").mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "teacher" / "model.pt", shipped.read_bytes())
+            timings[name] = json.loads(shipped.with_suffix(".json").read_text())["train_seconds"]
+            titles[name] += " — shipped checkpoint, training time as recorded"
+            continue
         if offline and name == "kd":
             timings["teacher_cache"] = _run_bundle(
                 "cache_teacher", bundle, [*configs, "cache_teacher.json"],
@@ -237,6 +304,14 @@ def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, dat
             extra = {**extra, "teacher_cache": out / "teacher_cache"}
             titles["kd"] += " (offline, teacher cache)"
         timings[name] = _run_bundle(f"train_{name}", bundle, configs, {**common, **dirs, **extra}, logs)
+        if name == "teacher" and teacher == "rebuild":
+            weights = (out / "teacher" / "model.pt").read_bytes()
+            SHIPPED_TEACHER.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(SHIPPED_TEACHER, weights)
+            record = {**fingerprint, "sha256": file_sha256(SHIPPED_TEACHER), "train_seconds": round(timings[name], 1),
+                      "rebuild": REBUILD_COMMAND}
+            atomic_write_bytes(SHIPPED_TEACHER.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
+            print(f"[teacher] wrote {SHIPPED_TEACHER} and its record", flush=True)
     for name, (bundle, configs, extra) in runs.items():
         dirs = {"ckpt_dir": out / name, "output_dir": out / name / "test", "save_predictions": True}
         overrides = {"dataset_dir": datalist.parent, "num_workers": 0, **dirs}
@@ -294,7 +369,10 @@ def run_demo(out: Path, epochs: int = 30, subjects: int = 12, seed: int = 0, dat
         "",
         *([f"The KD student trained from a teacher cache ({cache_views} recorded views per training item), built "
            f"once in {timings['teacher_cache']:.0f} s; its training time excludes the build."] if offline else []),
-        f"Total demo time: {time.time() - start:.0f} s.",
+        *([f"The teacher is the shipped checkpoint ({SHIPPED_TEACHER.name}: trained by `{REBUILD_COMMAND}` on this "
+           "data with this teacher config, epochs and seed; its Dice above is measured here); `--teacher train` trains it "
+           "in the demo instead."] if shipped is not None else []),
+        f"Total demo time: {time.time() - start:.0f} s" + (" (the teacher's training not included)." if shipped else "."),
         "",
     ])
     md = out / "results.md"
