@@ -100,3 +100,57 @@ def test_tiny_study_records_same_steps_runs_and_resumes(tiny2d, tmp_path):
     assert "(c) 8 labelled + 32 unlabelled subjects" in text and doc.with_suffix(".png").is_file()
     again = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
     assert "monai.bundle run" not in again.stdout  # nothing retrained or re-evaluated
+
+
+@pytest.fixture(scope="module")
+def eight_subjects(tmp_path_factory) -> Path:
+    """The study's layout, tiny: 8 training subjects of 2 slices at 8 mm (+ validation, test, 1 unlabelled subject)."""
+    from medkd.data.demo import prepare_demo
+
+    out = tmp_path_factory.mktemp("eight_subjects")
+    prepare_demo(out, subjects=12, seed=1, dims=2, spacing=8.0, slices_per_subject=2, unlabelled=1)
+    return out
+
+
+@pytest.mark.parametrize("method", [m for m, spec in kd_study.METHODS.items() if spec.get("labelled_only")])
+def test_labelled_only_methods_train_every_stage_on_the_labelled_subject(method, eight_subjects, teacher_2d, tmp_path):
+    """(g) keeps 1 of 8 subjects' labels: a labelled-only method's training data, in train.json and in every stage
+    config, is that subject's 2 slices, the same ones the no-KD control gets (recipes/labelled_subset.json)."""
+    spec = kd_study.METHODS[method]
+    draw = {"labelled_fraction": kd_study.REGIMES["g"]["labelled_fraction"], "labelled_seed": kd_study.LABELLED_SEED}
+    common = {"dataset_dir": str(eight_subjects), "teacher_ckpt": str(teacher_2d), **TINY_2D}
+    control = workflow("supervised_segmentation", ["train.json", "recipes/labelled_subset.json"],
+                       ckpt_dir=str(tmp_path / "c"), output_dir=str(tmp_path / "c" / "eval"), **common, **draw)
+    items = control.parser.get_parsed_content("train#dataset#data")
+    kept = {item["image"] for item in items}
+    assert len(kept) == 2 and len({item["case"] for item in items}) == 1
+    for config in ["train.json", *spec.get("stages", [])]:
+        wf = workflow(spec["bundle"], ["train.json"] + ([config] if config != "train.json" else []),
+                      ckpt_dir=str(tmp_path / config), output_dir=str(tmp_path / config / "eval"),
+                      **{**common, **spec["set"], **draw})
+        assert {item["image"] for item in wf.parser.get_parsed_content("train#dataset#data")} == kept, config
+        assert all("label" in item for item in wf.parser.get_parsed_content("train#dataset#data"))
+
+
+@pytest.mark.slow
+def test_gkd_runs_its_stages_in_the_run_folder_on_the_labelled_subject(eight_subjects, tmp_path):
+    """GKD in (g), 2 steps: its baseline-student stage gets the run's steps, P-SAE and MSAN their own 30 epochs; every
+    stage writes into the run folder (each finds the previous one's file there) with the labelled-subject overrides."""
+    gkd = "GKD (bundle default; labelled subjects only)"
+    doc = tmp_path / "results.md"
+    cmd = [sys.executable, str(ROOT / "tools" / "kd_study.py"), "run", "--parts", "g", "--seeds", "0", "--recipes", gkd,
+           "--out", str(tmp_path / "out"), "--data_dir", str(eight_subjects), "--teacher_steps", "2", "--doc", str(doc),
+           "--steps", "{'g': 2}"]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    run = json.loads(doc.with_suffix(".json").read_text())["runs"][f"g/{gkd}/seed0"]
+    assert run["steps"] == 2 and 0 <= run["dice"]["mean"] <= 1
+    folder = tmp_path / "out" / "g" / gkd.replace(" ", "_") / "seed0"
+    assert all((folder / f).is_file() for f in ("student_baseline.pt", "psae.pt", "msan.pt", "model.pt",
+                                                "stage0.done", "stage1.done", "stage2.done"))
+    logs = sorted((tmp_path / "out" / "logs").glob("stage*_g_GKD*.log"))
+    assert len(logs) == 3
+    for i, log in enumerate(logs):
+        text = log.read_text()
+        assert "--labelled_fraction 0.125 --labelled_seed 0" in text and "split_labelled(" in text
+        assert f"--ckpt_dir {folder} " in text
+        assert kd_study.logged_steps(log) == (2 if i == 0 else 30)  # 1 step an epoch: 2 labelled slices

@@ -87,8 +87,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 # The other methods' bundle defaults (run in the regimes that list them under "methods"): bundle, stages run before
 # train.json (each in its own folder under the run's, with the stage's own schedule, the study teacher where it needs
 # one), the overrides that point train.json at the stages' outputs, and, for a method with its own student, its
-# same-steps no-KD control (a method name whose "control" is true). GKD is not among them: its baseline-student, P-SAE
-# and MSAN stages train on every labelled training subject, which a few-labels regime must not give its student.
+# same-steps no-KD control (a method name whose "control" is true). "labelled_only": the method trains on the regime's
+# labelled subjects alone (its stages too), as the no-KD control does; "shared_dir": its stages write into the run's own
+# folder (GKD's stages find each other's files there); "stage_steps": the stages that get the run's steps and schedule.
+# The labelled subjects of a labelled-only method (the draw of medkd.data.split_labelled, as every recipe's):
+LABELLED_DATA = ("$medkd.data.split_labelled(medkd.data.check_datalist(medkd.data.load_datalist(@data_list_file_path, "
+                 "'training', @dataset_dir), @num_classes), @labelled_fraction, @labelled_seed, 'case')['labelled']")
 METHODS: dict[str, dict] = {
     "Graph Flow (bundle default)": {"bundle": "graph_flow_segmentation", "stages": ["pretrain_paraphraser.json"],
                                     "after": {"teacher#paraphraser_dir": "{stage0}"}},
@@ -96,9 +100,13 @@ METHODS: dict[str, dict] = {
     # trains on the regime's labelled subjects alone, as the no-KD control does
     "ACW-SKD (bundle default; no teacher)": {
         "bundle": "acw_skd_segmentation", "own_teacher": True, "labelled_only": True,
-        "set": {"train#dataset#data": "$medkd.data.split_labelled(medkd.data.check_datalist(medkd.data.load_datalist("
-                "@data_list_file_path, 'training', @dataset_dir), @num_classes), @labelled_fraction, @labelled_seed, "
-                "'case')['labelled']", "labelled_fraction": 1.0, "labelled_seed": "@seed"}},
+        "set": {"train#dataset#data": LABELLED_DATA, "labelled_fraction": 1.0, "labelled_seed": "@seed"}},
+    # GKD's four stages on the labelled subjects: the baseline student (the control's steps and schedule; ACT aligns
+    # to it), P-SAE (on the labels), the MSANs (ACT), then the distillation from the study teacher
+    "GKD (bundle default; labelled subjects only)": {
+        "bundle": "gkd_segmentation", "labelled_only": True, "shared_dir": True, "stage_steps": [0],
+        "stages": ["train_baseline.json", "pretrain_psae.json", "train_msan.json"],
+        "set": {"train#dataset#data": LABELLED_DATA, "labelled_fraction": 1.0, "labelled_seed": "@seed"}},
     "MTMS-CKD (bundle default; own teacher and student)": {
         "bundle": "mtms_ckd_segmentation", "stages": ["train_teacher.json"], "own_teacher": True,
         "after": {"teacher_ckpt": "{stage0}/teacher.pt"}, "vs": "MTMS-CKD's student without KD"},
@@ -376,24 +384,31 @@ class Study:
             method = METHODS.get(recipe, {})
             bundle = method.get("bundle", KD_BUNDLE)
             student_def = f"%{bundles_dir() / bundle / 'configs' / 'train.json'}#network_def"
+            teacher = {} if method.get("own_teacher") else {"teacher_ckpt": teacher_ckpt}
             if method.get("labelled_only"):
                 epochs = epochs_for(steps, steps_per_epoch("labelled", labelled, 0), f"regime {regime} {recipe}")
-                configs, overrides = ["train.json"], dict(method.get("set", {}))
+                configs, overrides = ["train.json"], {**teacher, **method.get("set", {})}
             else:
                 epochs = epochs_for(steps, steps_per_epoch(spec["kind"], labelled, unlabelled), f"regime {regime} KD runs")
                 configs = ["train.json", *spec["data"], *([] if path == "default" else [path])]
-                overrides = {**({} if method.get("own_teacher") else {"teacher_ckpt": teacher_ckpt}),
-                             **spec.get("overrides", {}), **recipe_overrides}
+                overrides = {**teacher, **spec.get("overrides", {}), **recipe_overrides}
             if fraction:
                 overrides.update(labelled_fraction=fraction, labelled_seed=LABELLED_SEED)
             for i, stage in enumerate(method.get("stages", [])):  # e.g. Graph Flow's paraphrasers, MTMS-CKD's teacher
-                stage_dir = self.out / folder / f"stage{i}"
-                if not (stage_dir / "done").is_file():
+                shared = method.get("shared_dir", False)
+                stage_dir = self.out / folder if shared else self.out / folder / f"stage{i}"
+                done = stage_dir / (f"stage{i}.done" if shared else "done")
+                if not done.is_file():
+                    data = {k: v for k, v in overrides.items() if k in (*method.get("set", {}), "labelled_fraction",
+                                                                           "labelled_seed")} if method.get("labelled_only") else {}
+                    timing = ({**schedule, "epochs": epochs, "val_interval": max(1, epochs // 10)}
+                              if i in method.get("stage_steps", []) else {})
+                    stage_dir.mkdir(parents=True, exist_ok=True)
                     _run_bundle(f"stage{i}_{folder.replace('/', '_')}", bundle, ["train.json", stage],
                                 {"dataset_dir": self.data_dir, "num_workers": 0, "resume": True, "seed": seed,
-                                 "ckpt_dir": stage_dir, "output_dir": stage_dir / "eval",
-                                 **({} if method.get("own_teacher") else {"teacher_ckpt": teacher_ckpt})}, self.logs)
-                    (stage_dir / "done").write_text("done\n")
+                                 "ckpt_dir": stage_dir, "output_dir": stage_dir / ("eval" if not shared else f"eval_stage{i}"),
+                                 **teacher, **data, **timing}, self.logs)
+                    done.write_text("done\n")
                 overrides.update({k: v.format(**{f"stage{i}": self.out / folder / f"stage{i}"})
                                   for k, v in method.get("after", {}).items() if f"{{stage{i}}}" in v})
             reads_taps = bool(cache_taps(KD_BUNDLE, [[str(bundles_dir() / KD_BUNDLE / 'configs' / path)]]
@@ -505,9 +520,10 @@ class Study:
                  "demo data: what `make demo` runs). The other methods' bundle defaults run in (g): Graph Flow after its paraphraser stage (study teacher), ACW-SKD (teacher-free "
                  "self-distillation: it learns from labels only, so it trains on the labelled subject alone, like the "
                  "control), MTMS-CKD with its own multi-task teacher (its stage, on all 8 labelled subjects) and its own "
-                 "student (SmallUNet), compared with that student trained without KD on the same labels and steps; GKD is "
-                 "not run: its baseline-student, P-SAE and MSAN stages train on every labelled training subject, which a "
-                 "few-labels student must not get. "
+                 "student (SmallUNet), compared with that student trained without KD on the same labels and steps; GKD with "
+                 "all four of its stages on the labelled subject alone (its baseline student for the control's steps, "
+                 "P-SAE and MSAN 30 epochs each, then the distillation from the study teacher; GKD's unlabelled recipe "
+                 "swaps GKD for vanilla KD, as its stages need labels, so the bundle default sees no unlabelled image). "
                  "Variants: a recipe with its KD term's weight overridden (`--kd_terms#0#weight`); the bundles' weights "
                  "make the weighted KD term ~0.5x the task loss at the first iteration, which leaves the task loss on "
                  "the 2 labelled subjects in charge; weight 3 was picked on (f), seed 0 (weights 1, 3 and 10 tried there), before any "
