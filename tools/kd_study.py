@@ -527,8 +527,9 @@ class Study:
                  "Variants: a recipe with its KD term's weight overridden (`--kd_terms#0#weight`); the bundles' weights "
                  "make the weighted KD term ~0.5x the task loss at the first iteration, which leaves the task loss on "
                  "the 2 labelled subjects in charge; weight 3 was picked on (f), seed 0 (weights 1, 3 and 10 tried there), before any "
-                 "(g) or (h) run, and every variant run is listed. Wall times were measured while other jobs shared the 2 cores: "
-                 "indicative only.", ""]
+                 "(g) or (h) run, and every variant run is listed. Wall times (s / run: the training itself, every part of a "
+                 "resumed one; a method's stages and the evaluation not counted) were measured while other jobs shared "
+                 "the 2 cores: indicative only.", ""]
         if teacher:
             t = teacher["dice"]
             curve = teacher.get("validation_curve", [])
