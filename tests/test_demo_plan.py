@@ -103,6 +103,9 @@ def test_shipped_teacher_is_used_only_when_its_record_matches(four_subjects, tmp
             None, f"the shipped teacher was trained with another {key} than this demo uses "
                   "(rebuild it: python -m medkd demo --teacher rebuild)")
     assert shipped_teacher({**fingerprint, "torch": "0.0"}, ckpt)[0] == ckpt  # versions are recorded, not compared
+    ckpt.with_suffix(".json").write_text("{not json")
+    assert shipped_teacher(fingerprint, ckpt)[0] is None and "is not valid JSON" in shipped_teacher(fingerprint, ckpt)[1]
+    ckpt.with_suffix(".json").write_text(json.dumps(record))
     ckpt.write_bytes(b"other weights")
     assert shipped_teacher(fingerprint, ckpt)[0] is None
     assert "does not match the sha256 of its record" in shipped_teacher(fingerprint, ckpt)[1]

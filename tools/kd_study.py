@@ -394,22 +394,22 @@ class Study:
                 overrides = {**teacher, **spec.get("overrides", {}), **recipe_overrides}
             if fraction:
                 overrides.update(labelled_fraction=fraction, labelled_seed=LABELLED_SEED)
+            shared = method.get("shared_dir", False)
+            # a labelled-only method's stages get its data overrides (the labelled draw) and teacher, as train.json
+            stage_overrides = dict(overrides) if method.get("labelled_only") else teacher
             for i, stage in enumerate(method.get("stages", [])):  # e.g. Graph Flow's paraphrasers, MTMS-CKD's teacher
-                shared = method.get("shared_dir", False)
                 stage_dir = self.out / folder if shared else self.out / folder / f"stage{i}"
                 done = stage_dir / (f"stage{i}.done" if shared else "done")
                 if not done.is_file():
-                    data = {k: v for k, v in overrides.items() if k in (*method.get("set", {}), "labelled_fraction",
-                                                                           "labelled_seed")} if method.get("labelled_only") else {}
                     timing = ({**schedule, "epochs": epochs, "val_interval": max(1, epochs // 10)}
                               if i in method.get("stage_steps", []) else {})
                     stage_dir.mkdir(parents=True, exist_ok=True)
                     _run_bundle(f"stage{i}_{folder.replace('/', '_')}", bundle, ["train.json", stage],
                                 {"dataset_dir": self.data_dir, "num_workers": 0, "resume": True, "seed": seed,
-                                 "ckpt_dir": stage_dir, "output_dir": stage_dir / ("eval" if not shared else f"eval_stage{i}"),
-                                 **teacher, **data, **timing}, self.logs)
+                                 "ckpt_dir": stage_dir, "output_dir": stage_dir / (f"eval_stage{i}" if shared else "eval"),
+                                 **stage_overrides, **timing}, self.logs)
                     done.write_text("done\n")
-                overrides.update({k: v.format(**{f"stage{i}": self.out / folder / f"stage{i}"})
+                overrides.update({k: v.format(**{f"stage{i}": stage_dir})
                                   for k, v in method.get("after", {}).items() if f"{{stage{i}}}" in v})
             reads_taps = bool(cache_taps(KD_BUNDLE, [[str(bundles_dir() / KD_BUNDLE / 'configs' / path)]]
                                          if path != "default" else [[]]))

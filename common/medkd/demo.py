@@ -111,13 +111,16 @@ def teacher_fingerprint(datalist: Path, epochs: int, seed: int) -> dict:
 def shipped_teacher(fingerprint: dict, path: Path | None = None) -> tuple[Path | None, str]:
     """The shipped teacher checkpoint (``path``, default ``SHIPPED_TEACHER``) when its record matches ``fingerprint``
     (bundle config, data, epochs, seed), else ``None``; with the reason either way (printed by the demo)."""
+    from medkd.io import file_sha256
+
     path = Path(path) if path is not None else SHIPPED_TEACHER
     record_path = path.with_suffix(".json")
     if not path.is_file() or not record_path.is_file():
         return None, f"no shipped teacher at {path}"
-    record = json.loads(record_path.read_text())
-    from medkd.io import file_sha256
-
+    try:
+        record = json.loads(record_path.read_text())
+    except ValueError as err:
+        return None, f"the shipped teacher's record {record_path} is not valid JSON ({err})"
     if record.get("sha256") != file_sha256(path):
         return None, f"{path.name} does not match the sha256 of its record {record_path.name}"
     differ = [k for k in ("bundle", "config_sha256", "data_sha256", "epochs", "seed") if record.get(k) != fingerprint[k]]
