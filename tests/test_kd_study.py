@@ -65,6 +65,31 @@ def test_logged_seconds_spans_the_timestamped_lines(tmp_path):
     assert kd_study.logged_seconds(log) == 0.0
 
 
+def test_a_resumed_teacher_counts_every_part_of_its_training(tmp_path, monkeypatch):
+    """The teacher's wall time: the last part as ``_run_bundle`` timed it (10 s) plus the interrupted earlier part
+    from its log (62.5 s by hand), and its validation curve joins both parts."""
+    study = kd_study.Study(out=str(tmp_path / "out"), doc=str(tmp_path / "results.md"))
+    monkeypatch.setattr(study, "counts", lambda: (12, 0))
+    monkeypatch.setattr(study, "evaluate", lambda key, overrides: {"mean": 0.5})
+    (study.logs / "train_teacher.log").write_text(  # left by the interrupted training
+        "2026-12-06 08:10:16,250 - INFO - Epoch[5] Metrics -- val_mean_dice: 0.4000\n"
+        "2026-12-06 08:11:18,750 - INFO - Epoch: 6/150, Iter: 1/12 -- loss: 0.4\n")
+
+    def resumed(name, bundle, configs, overrides, logs):
+        (logs / f"{name}.log").write_text("2026-12-06 09:00:00,000 - INFO - Epoch: 10/150, Iter: 12/12 -- loss: 0.3\n"
+                                          "2026-12-06 09:00:05,000 - INFO - Epoch[10] Metrics -- val_mean_dice: 0.6000\n")
+        Path(overrides["ckpt_dir"]).mkdir(parents=True, exist_ok=True)
+        (Path(overrides["ckpt_dir"]) / "model.pt").write_bytes(b"weights")
+        return 10.0
+
+    monkeypatch.setattr(kd_study, "_run_bundle", resumed)
+    study.teacher()
+    teacher = study.state["teacher"]
+    assert teacher["seconds"] == pytest.approx(72.5) and teacher["steps"] == 150 * 12
+    assert [list(point) for point in teacher["validation_curve"]] == [[5, 0.4], [10, 0.6]]
+    assert sorted(p.name for p in study.logs.iterdir()) == ["train_teacher.0.log", "train_teacher.log"]
+
+
 def test_epochs_for_needs_whole_epochs():
     assert kd_study.epochs_for(384, 96, "x") == 4 and kd_study.epochs_for(384, 12, "x") == 32
     with pytest.raises(ValueError, match="360 steps is not a whole number of epochs of 96"):

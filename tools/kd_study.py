@@ -298,6 +298,7 @@ class Study:
                                   {"dataset_dir": self.data_dir, "epochs": epochs, "val_interval": 5, "seed": 0,
                                    "num_workers": 0, "resume": True, "ckpt_dir": ckpt_dir, "output_dir": ckpt_dir / "eval"},
                                   self.logs)
+            seconds += sum(logged_seconds(part) for part in self.logs.glob("train_teacher.*.log"))  # earlier parts
             (ckpt_dir / "done").write_text(f"{seconds:.1f}\n")
         info = self.state.get("teacher", {})
         sha = file_sha256(ckpt)
@@ -536,8 +537,8 @@ class Study:
             lines += [f"**Teacher**: {teacher['steps']} steps ({teacher['epochs']} epochs), test Dice "
                       + ", ".join(f"{labels[k]} {t[k]:.4f}" for k in labels) + f", mean **{t['mean']:.4f}**; "
                       + (f"best-validation checkpoint (epoch {max(curve, key=lambda c: c[1])[0]}); " if curve else "")
-                      + f"wall time {teacher['seconds']:.0f} s (under contention; a resumed training counts its last "
-                      "part only). Validation curve (epoch: mean Dice): "
+                      + f"wall time {teacher['seconds']:.0f} s (under contention; every part of a resumed training "
+                      "counted). Validation curve (epoch: mean Dice): "
                       + ", ".join(f"{e}: {d:.3f}" for e, d in curve) + ".", ""]
         if cost:
             lines += [f"**Cost**: student {cost['student_params'] / 1e3:.1f}k / teacher {cost['teacher_params'] / 1e3:.1f}k "
